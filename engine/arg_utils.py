@@ -1,0 +1,59 @@
+"""EngineArgs: the flat, user-facing engine settings (vLLM's names), split into validated configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+# vLLM engine arguments that make no difference to this engine; accepted so code written for
+# vLLM keeps working, and reported once.
+IGNORED_VLLM_ARGS = frozenset({
+    "swap_space", "enforce_eager", "tokenizer_mode", "revision", "tokenizer_revision", "code_revision",
+    "max_seq_len_to_capture", "disable_custom_all_reduce", "disable_async_output_proc", "cpu_offload_gb",
+    "task", "skip_tokenizer_init", "allowed_local_media_path", "hf_token", "compilation_config",
+    "disable_log_stats", "quantization", "load_format", "worker_use_ray", "distributed_executor_backend",
+    "pipeline_parallel_size", "kv_cache_dtype", "enable_lora_bias",
+})
+
+
+@dataclass
+class EngineArgs:
+    """Every engine setting, with vLLM's names and defaults where vLLM has them."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    seed: int = 0
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    trust_remote_code: bool = False
+    tensor_parallel_size: int = 1
+    device: str = "auto"
+    download_dir: str | None = None
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineArgs:
+        """Build from keyword arguments, dropping known no-op vLLM arguments; unknown names fail."""
+        known = cls.field_names()
+        unknown = sorted(k for k in kwargs if k not in known and k not in IGNORED_VLLM_ARGS)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in kwargs.items() if k in known})
+
+    def key(self) -> tuple:
+        """A hashable identity of this configuration (for sharing one engine per configuration)."""
+        return tuple(getattr(self, f.name) for f in fields(self))

@@ -1,0 +1,1 @@
+"""Paged KV cache bookkeeping: block pool and per-request block tables (pure Python)."""

@@ -1,0 +1,167 @@
+"""The tensor boundary: a SchedulerOutput becomes flat input tensors, one forward pass and samples."""
+
+from __future__ import annotations
+
+import torch
+
+from kvloom.engine.models import build_model
+from kvloom.engine.models.arch import ArchConfig
+from kvloom.engine.model_loader.weights import iter_weights
+from kvloom.engine.parallel import SINGLE, TPContext
+from kvloom.engine.sampler import Sampler, SamplingState, logprobs_row
+from kvloom.engine.scheduler.output import Logprobs, ModelRunnerOutput, ScheduledSeq, SchedulerOutput
+from kvloom.kernels import AttentionMetadata, get_backend
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and the per-request sampling state."""
+
+    def __init__(self, arch: ArchConfig, model_dir: str | None, dtype: torch.dtype, device: torch.device,
+                 block_size: int, seed: int, tp: TPContext = SINGLE) -> None:
+        self.arch = arch
+        self.dtype = dtype
+        self.device = device
+        self.block_size = block_size
+        self.tp = tp
+        torch.manual_seed(seed)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                self.model = build_model(arch, get_backend(device), tp)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        if model_dir is not None:
+            self.model.load_weights(iter_weights(model_dir, dtype))
+        self.model.eval()
+        self.sampler = Sampler(arch.vocab_size, seed)
+        self.states: dict[str, SamplingState] = {}
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.eos_token_ids: tuple[int, ...] = arch.eos_token_ids
+
+    # ---- KV cache ----------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        attn = self.model.layers[0].self_attn
+        per_token = 2 * attn.num_kv_heads * attn.head_size * self.dtype.itemsize
+        return per_token * self.block_size * self.arch.num_layers
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        attn = self.model.layers[0].self_attn
+        shape = (num_blocks * self.block_size, attn.num_kv_heads, attn.head_size)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.arch.num_layers)
+        ]
+
+    def profile_peak_memory(self, num_tokens: int) -> int:
+        """Peak device memory of a forward pass over num_tokens prompt tokens (CUDA only)."""
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.allocate_kv_cache(1)
+        # One long prefill never reads the cache, so a one-block cache (slots overwritten) serves.
+        seq = ScheduledSeq("profile", [0] * num_tokens, 0, [0] * (-(-num_tokens // self.block_size)), True)
+        with torch.inference_mode():
+            ids, pos, meta, last = self._prepare_inputs([seq])
+            meta.slot_mapping = meta.slot_mapping % self.block_size
+            self.model.compute_logits(self.model(ids, pos, self.kv_caches, meta)[last])
+        torch.cuda.synchronize(self.device)
+        self.kv_caches = []
+        return torch.cuda.max_memory_allocated(self.device)
+
+    # ---- one step ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        for req_id in out.finished_req_ids:
+            self.states.pop(req_id, None)
+        for new in out.new_requests:
+            self.states[new.req_id] = self._new_state(new.sampling_params, new.prompt_token_ids)
+        if out.is_empty:
+            return ModelRunnerOutput()
+
+        # Decodes first, then prefill chunks (the layout AttentionMetadata expects).
+        seqs = sorted(out.seqs, key=lambda s: len(s.token_ids) > 1)
+        input_ids, positions, meta, last_index = self._prepare_inputs(seqs)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+
+        sampling = [i for i, s in enumerate(seqs) if s.do_sample]
+        result = ModelRunnerOutput(req_ids=[seqs[i].req_id for i in sampling])
+        if sampling:
+            logits = self.model.compute_logits(hidden[[last_index[i] for i in sampling]])
+            states = [self.states[seqs[i].req_id] for i in sampling]
+            tokens, logprobs = self.sampler(logits, states)
+            for state, token in zip(states, tokens):
+                state.output_token_ids.append(token)
+            result.sampled_token_ids = tokens
+            result.logprobs = logprobs
+        self._prompt_logprobs(seqs, hidden, last_index, result)
+        return result
+
+    def _new_state(self, params, prompt_token_ids: list[int]) -> SamplingState:
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        blocked = []
+        if params.min_tokens:
+            blocked = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids)))
+        return SamplingState(params, prompt_token_ids, generator=generator, min_tokens_blocked=blocked)
+
+    def _prepare_inputs(self, seqs: list[ScheduledSeq]):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        last_index: list[int] = []
+        for s in seqs:
+            input_ids.extend(s.token_ids)
+            positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
+            last_index.append(len(input_ids) - 1)
+        pos = torch.tensor(positions, dtype=torch.long)
+        lens = torch.tensor([len(s.token_ids) for s in seqs])
+        table = _block_table([s.block_ids for s in seqs])
+        seq_index = torch.repeat_interleave(torch.arange(len(seqs)), lens)
+        slot_mapping = table[seq_index, pos // bs] * bs + pos % bs
+
+        nd = sum(1 for s in seqs if len(s.token_ids) == 1)
+        decode_tables = decode_mask = prefill_tables = None
+        if nd:
+            ctx = torch.tensor([s.start_pos + 1 for s in seqs[:nd]])
+            max_blocks = int((ctx.max() + bs - 1) // bs)
+            decode_tables = table[:nd, :max_blocks]
+            decode_mask = (torch.arange(max_blocks * bs).unsqueeze(0) >= ctx.unsqueeze(1)).view(nd, 1, 1, -1)
+        prefills = []
+        start = nd
+        for s in seqs[nd:]:
+            prefills.append((start, len(s.token_ids), s.start_pos + len(s.token_ids)))
+            start += len(s.token_ids)
+        if len(seqs) > nd:
+            prefill_tables = table[nd:]
+        meta = AttentionMetadata(bs, slot_mapping.to(self.device), nd, _to(decode_tables, self.device),
+                                 _to(decode_mask, self.device), prefills, _to(prefill_tables, self.device))
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        return ids, pos.to(self.device), meta, last_index
+
+    def _prompt_logprobs(self, seqs, hidden, last_index, result: ModelRunnerOutput) -> None:
+        for i, s in enumerate(seqs):
+            state = self.states[s.req_id]
+            k = state.params.prompt_logprobs
+            num_prompt = len(state.prompt_token_ids)
+            if k is None or s.start_pos >= num_prompt:
+                continue
+            # Position p's logits score prompt token p + 1.
+            n = min(len(s.token_ids), num_prompt - 1 - s.start_pos)
+            entries: list[Logprobs] = []
+            if n > 0:
+                first = last_index[i] - len(s.token_ids) + 1
+                rows = torch.log_softmax(self.model.compute_logits(hidden[first : first + n]), dim=-1)
+                targets = state.prompt_token_ids[s.start_pos + 1 : s.start_pos + 1 + n]
+                entries = [logprobs_row(rows[j], t, k) for j, t in enumerate(targets)]
+            result.prompt_logprobs[s.req_id] = entries
+
+
+def _block_table(block_ids: list[list[int]]) -> torch.Tensor:
+    width = max(len(b) for b in block_ids)
+    # Padding points at the null block 0; masks keep it out of every result.
+    return torch.tensor([b + [0] * (width - len(b)) for b in block_ids], dtype=torch.long)
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)

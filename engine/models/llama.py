@@ -1,0 +1,147 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over the paged KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvloom.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kvloom.engine.layers.norm import RMSNorm
+from kvloom.engine.layers.rotary import RotaryEmbedding
+from kvloom.engine.models.arch import ArchConfig
+from kvloom.engine.parallel import SINGLE, TPContext
+from kvloom.kernels import AttentionMetadata, KernelBackend
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArchConfig, kernels: KernelBackend, tp: TPContext) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_size, cfg.num_heads, cfg.num_kv_heads,
+                                          bias=cfg.attention_bias, tp=tp)
+        # Qwen2 has biases on q/k/v only; Llama's attention_bias covers o_proj too.
+        o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_size, cfg.hidden_size, bias=o_bias, tp=tp)
+        self.rotary = RotaryEmbedding(cfg.head_size, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_size = cfg.head_size
+        self.scale = cfg.head_size**-0.5
+        self.kernels = kernels
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_size)
+        k = k.view(-1, self.num_kv_heads, self.head_size)
+        v = v.view(-1, self.num_kv_heads, self.head_size)
+        q, k = self.rotary(positions, q, k)
+        k_cache, v_cache = kv_cache
+        self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        o = self.kernels.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(-1, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArchConfig, tp: TPContext) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp=tp)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp=tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig, kernels: KernelBackend, tp: TPContext) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, kernels, tp)
+        self.mlp = MLP(cfg, tp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, x, residual, kv_cache, meta):
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Embedding, decoder layers, final norm and LM head; the forward returns hidden states."""
+
+    # Checkpoint name fragment -> (our parameter fragment, shard id) for fused projections.
+    stacked_params = {
+        ".q_proj.": (".qkv_proj.", "q"),
+        ".k_proj.": (".qkv_proj.", "k"),
+        ".v_proj.": (".qkv_proj.", "v"),
+        ".gate_proj.": (".gate_up_proj.", 0),
+        ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def __init__(self, cfg: ArchConfig, kernels: KernelBackend, tp: TPContext = SINGLE) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, kernels, tp) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            self.lm_head_weight = self.embed_tokens.weight
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head.weight.requires_grad_(False)
+            self.lm_head_weight = self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(positions, x, residual, kv_cache, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (HF names) into this model's (possibly fused, sharded) parameters."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            shard_id = None
+            for ckpt_part, (our_part, sid) in self.stacked_params.items():
+                if ckpt_part in name:
+                    name, shard_id = name.replace(ckpt_part, our_part), sid
+                    break
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:
+                if param.shape != tensor.shape:
+                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(param.shape)}")
+                param.data.copy_(tensor)
+            else:
+                loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
+            loaded.add(name if shard_id is None else f"{name}:{shard_id}")
+        expected = {n for n in params if n != "lm_head_weight"}
+        missing = sorted(n for n in expected if not any(k == n or k.startswith(n + ":") for k in loaded))
+        if missing:
+            raise ValueError(f"checkpoint is missing tensors: {', '.join(missing[:8])}")

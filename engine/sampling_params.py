@@ -1,0 +1,125 @@
+"""Sampling parameters with vLLM's field names, defaults and validation."""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from dataclasses import dataclass, field, fields
+
+_GREEDY_EPS = 1e-5
+MAX_LOGPROBS = 20
+
+
+class RequestOutputKind(enum.Enum):
+    """What each streamed RequestOutput carries: everything so far, only the new part, or only the end."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings (vLLM's `SamplingParams`)."""
+
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Legacy fields still sent by wrappers written for older vLLM releases.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    _all_stop_token_ids: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop) if self.stop else []
+        self.stop_token_ids = list(self.stop_token_ids) if self.stop_token_ids else []
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.seed is not None:
+            self.seed = int(self.seed)
+        self._verify()
+        self._all_stop_token_ids = set(self.stop_token_ids)
+
+    @property
+    def sampling_type_is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def num_samples(self) -> int:
+        """How many sequences are generated (best_of of them, n returned)."""
+        return self.best_of or self.n
+
+    def _verify(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"SamplingParams.{name} {rule}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", "must be an integer >= 1")
+        if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of < self.n):
+            raise bad("best_of", f"must be an integer >= n ({self.n})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise bad(name, "must be in [-2, 2]")
+        if not self.repetition_penalty > 0.0:
+            raise bad("repetition_penalty", "must be > 0")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise bad("temperature", "must be in [0, 2]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be -1 or 0 (disabled) or a positive integer")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be in [0, 1]")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise bad("max_tokens", "must be an integer >= 1 (or None for as many as fit)")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not -1 <= value <= MAX_LOGPROBS):
+                raise bad(name, f"must be None, -1 (full vocabulary) or an integer in [0, {MAX_LOGPROBS}]")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise bad("truncate_prompt_tokens", "must be >= 1")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", "must be a string or a list of non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of non-negative token ids")
+        if self.use_beam_search:
+            raise ValueError(
+                "SamplingParams.use_beam_search=True is not supported; use sampling or greedy decoding"
+            )
+        if self.length_penalty != 1.0 or self.early_stopping:
+            warnings.warn("length_penalty and early_stopping apply to beam search only and are ignored",
+                          stacklevel=3)
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", "must be a RequestOutputKind")
+
+    def clone(self, **changes) -> SamplingParams:
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        values.update(changes)
+        return SamplingParams(**values)

@@ -1,0 +1,169 @@
+"""Continuous batching: a per-step token budget, chunked prefill and preemption by recompute."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from kvloom.engine.config import SchedulerConfig
+from kvloom.engine.kv_cache.manager import KVCacheManager
+from kvloom.engine.request import Request, RequestStatus
+from kvloom.engine.scheduler.output import (
+    ModelRunnerOutput,
+    NewRequestData,
+    ScheduledSeq,
+    SchedulerOutput,
+)
+
+
+class Scheduler:
+    """Decides, each step, which requests run and how many of their tokens are computed.
+
+    Running requests go first (decodes and unfinished prefill chunks), in arrival order; waiting
+    requests join while the token budget, max_num_seqs and free blocks allow. When a running request
+    cannot get a block, the most recently admitted running request is preempted: its blocks are
+    freed and it goes back to the front of the waiting queue, to be recomputed later.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_cache_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_req_ids: set[str] = set()
+        self._started_req_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ---- queue management --------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests from outside the step (abort, stop string); unknown ids are ignored."""
+        assert status.is_finished
+        ended = []
+        for req_id in request_ids:
+            req = self.requests.get(req_id)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._release(req)
+            ended.append(req)
+        return ended
+
+    def _release(self, req: Request) -> None:
+        self.kv.free(req)
+        del self.requests[req.request_id]
+        if req.request_id in self._started_req_ids:
+            self._started_req_ids.discard(req.request_id)
+            self._finished_req_ids.add(req.request_id)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_req_ids=self._finished_req_ids)
+        self._finished_req_ids = set()
+        budget = self.config.max_num_batched_tokens
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            assert num_new > 0, "a running request always has a token to compute"
+            while self.kv.allocate_slots(req, num_new) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted_req_ids.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status == RequestStatus.PREEMPTED:
+                break
+            self._add_seq(out, req, num_new)
+            budget -= num_new
+            i += 1
+
+        while (self.waiting and budget > 0 and not out.preempted_req_ids
+               and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[0]
+            computed_blocks, num_computed = self.kv.get_computed_blocks(req)
+            num_new = req.num_tokens - num_computed
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if self.kv.allocate_slots(req, num_new, computed_blocks) is None:
+                break
+            self.waiting.popleft()
+            self.kv.record_lookup(req, num_computed)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_computed
+            req.num_computed_tokens = num_computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            if req.request_id not in self._started_req_ids:
+                self._started_req_ids.add(req.request_id)
+                out.new_requests.append(
+                    NewRequestData(req.request_id, req.prompt_token_ids, req.sampling_params, req.lora_id)
+                )
+            self._add_seq(out, req, num_new)
+            budget -= num_new
+
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _add_seq(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+        start = req.num_computed_tokens
+        out.seqs.append(
+            ScheduledSeq(
+                req_id=req.request_id,
+                token_ids=req.all_token_ids[start : start + num_new],
+                start_pos=start,
+                block_ids=self.kv.get_block_ids(req.request_id),
+                do_sample=start + num_new == req.num_tokens,
+            )
+        )
+
+    def update(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
+        """Advance computed tokens, append sampled tokens and end requests that stop.
+
+        Returns the requests that received a token this step (finished ones included).
+        """
+        for seq in out.seqs:
+            req = self.requests.get(seq.req_id)
+            if req is not None:
+                req.num_computed_tokens += len(seq.token_ids)
+        updated = []
+        any_finished = False
+        max_model_len = self.config.max_model_len
+        for req_id, token_id in zip(result.req_ids, result.sampled_token_ids):
+            req = self.requests.get(req_id)
+            if req is None:
+                continue
+            req.append_output_token(token_id)
+            if req.check_stop(max_model_len):
+                any_finished = True
+                self._release(req)
+            updated.append(req)
+        if any_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return updated

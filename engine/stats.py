@@ -1,0 +1,32 @@
+"""Engine counters: tokens, steps and preemptions (gauges are read live by get_metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kvloom.engine.scheduler.output import SchedulerOutput
+
+
+@dataclass
+class EngineStats:
+    """Totals since the engine started."""
+
+    num_steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_preemptions: int = 0
+    peak_running: int = 0
+
+    def record_step(self, out: SchedulerOutput, num_sampled: int, num_preemptions: int) -> None:
+        if out.is_empty:
+            return
+        self.num_steps += 1
+        # Prompt tokens computed this step: all scheduled tokens except the one fed per decode.
+        num_decode = sum(1 for s in out.seqs if len(s.token_ids) == 1 and s.start_pos > 0)
+        self.prompt_tokens += out.num_batched_tokens - num_decode
+        self.generation_tokens += num_sampled
+        self.num_preemptions = num_preemptions
+        self.peak_running = max(self.peak_running, len(out.seqs))
+
+    def snapshot(self, **gauges) -> dict:
+        return {**asdict(self), **gauges}

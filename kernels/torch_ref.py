@@ -1,0 +1,82 @@
+"""Pure-torch kernels: the CPU path and the reference every other kernel is tested against.
+
+KV cache layout, per layer: key and value caches of shape [num_blocks * block_size, num_kv_heads,
+head_size]; slot s holds token s % block_size of block s // block_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .metadata import AttentionMetadata
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store each token's key/value ([T, kv_heads, head_size]) at its slot."""
+    k_cache.index_copy_(0, slot_mapping, key)
+    v_cache.index_copy_(0, slot_mapping, value)
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Keys (or values) of whole block tables: [B, max_blocks * block_size, kv_heads, head_size]."""
+    num_slots, kv_heads, head_size = cache.shape
+    blocks = cache.view(num_slots // block_size, block_size, kv_heads, head_size)[block_tables]
+    return blocks.view(block_tables.shape[0], -1, kv_heads, head_size)
+
+
+def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of a flat batch of tokens over the paged cache.
+
+    query: [T, heads, head_size]; key/value: the same tokens' [T, kv_heads, head_size], already
+    written to the cache. Decode tokens come first (one per sequence) and are computed in one
+    batched call; each prefill chunk is computed on its own.
+    """
+    out = torch.empty_like(query)
+    nd = meta.num_decodes
+    if nd:
+        out[:nd] = _decode_attention(query[:nd], k_cache, v_cache, meta, scale)
+    for i, (q_start, q_len, ctx_len) in enumerate(meta.prefills):
+        q = query[q_start : q_start + q_len]
+        if ctx_len == q_len:
+            # Nothing cached before this chunk: attend to the chunk's own keys.
+            k, v = key[q_start : q_start + q_len], value[q_start : q_start + q_len]
+        else:
+            table = meta.prefill_block_tables[i : i + 1]
+            k = gather_kv(k_cache, table, meta.block_size)[0, :ctx_len]
+            v = gather_kv(v_cache, table, meta.block_size)[0, :ctx_len]
+        out[q_start : q_start + q_len] = _causal_attention(q, k, v, ctx_len - q_len, scale)
+    return out
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
+                      scale: float) -> torch.Tensor:
+    """q: [q_len, H, D] at positions offset.., k/v: [offset + q_len, kvH, D]."""
+    q_len = q.shape[0]
+    qh, kh, vh = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+    gqa = q.shape[1] != k.shape[1]
+    if offset == 0:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        rows = torch.arange(q_len, device=q.device).unsqueeze(1) + offset
+        mask = torch.arange(k.shape[0], device=q.device).unsqueeze(0) <= rows
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o[0].transpose(0, 1)
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query token per sequence against its whole context; q: [B, H, D]."""
+    b, heads, head_size = q.shape
+    k = gather_kv(k_cache, meta.decode_block_tables, meta.block_size)
+    v = gather_kv(v_cache, meta.decode_block_tables, meta.block_size)
+    kv_heads = k.shape[2]
+    # Group the query heads that share a KV head so one batched matmul serves the group.
+    qg = q.view(b, kv_heads, heads // kv_heads, head_size)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, kvH, g, L]
+    scores.masked_fill_(meta.decode_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    o = torch.matmul(probs, v.transpose(1, 2))  # [B, kvH, g, D]
+    return o.reshape(b, heads, head_size)

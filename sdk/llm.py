@@ -1,0 +1,114 @@
+"""LLM: vLLM's offline API (generate, chat) over one in-process engine."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from kvloom.engine.arg_utils import IGNORED_VLLM_ARGS, EngineArgs
+from kvloom.engine.outputs import RequestOutput
+from kvloom.engine.sampling_params import RequestOutputKind, SamplingParams
+
+
+class LLM:
+    """Generate text for batches of prompts with continuous batching (vLLM's `LLM`)."""
+
+    def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
+                 max_model_len: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, block_size: int = 16, seed: int = 0,
+                 kv_cache_memory_gb: float | None = None, trust_remote_code: bool = False, **kwargs) -> None:
+        ignored = sorted(k for k in kwargs if k in IGNORED_VLLM_ARGS)
+        if ignored:
+            warnings.warn(f"ignored vLLM engine arguments (no effect in kvloom): {', '.join(ignored)}",
+                          stacklevel=2)
+        args = EngineArgs.from_kwargs(
+            model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
+            seed=seed, kv_cache_memory_gb=kv_cache_memory_gb, trust_remote_code=trust_remote_code, **kwargs)
+        from kvloom.engine.llm_engine import LLMEngine
+
+        self.llm_engine = LLMEngine(args)
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+        """Complete every prompt (a string, token ids, or a list of them); outputs keep input order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self._run(list(prompts), sampling_params, use_tqdm, lora_request)
+
+    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, lora_request=None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of messages) or a list of conversations."""
+        if not messages:
+            raise ValueError("messages must be a non-empty list")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        engine = self.llm_engine
+        prompts = [
+            {"prompt_token_ids": engine.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                continue_final_message=continue_final_message, **(chat_template_kwargs or {}))}
+            for conv in conversations
+        ]
+        return self._run(prompts, sampling_params, use_tqdm, lora_request)
+
+    def _run(self, prompts: list, sampling_params, use_tqdm: bool, lora_request) -> list[RequestOutput]:
+        n = len(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = [sampling_params] * n if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * n
+        if len(loras) != n:
+            raise ValueError(f"got {len(loras)} LoRA requests for {n} prompts")
+        engine = self.llm_engine
+        ids = []
+        try:
+            for prompt, p, lora in zip(prompts, params, loras):
+                # Only final outputs are collected, so skip building per-step ones.
+                p = p if p.output_kind == RequestOutputKind.FINAL_ONLY else p.clone(
+                    output_kind=RequestOutputKind.FINAL_ONLY)
+                ids.append(engine.add_request(f"llm-{next(self._counter)}", prompt, p, lora_request=lora))
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        return self._run_engine(ids, use_tqdm)
+
+    def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        pending = set(ids)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        out_tokens = 0
+        try:
+            while pending:
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        results[out.request_id] = out
+                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        bar.update(1)
+                        elapsed = bar.format_dict["elapsed"] or 1e-9
+                        bar.set_postfix_str(f"output {out_tokens / elapsed:.1f} tok/s", refresh=False)
+        except BaseException:
+            engine.abort_request(list(pending))
+            raise
+        finally:
+            bar.close()
+        return [results[i] for i in ids]
+
+    def reset_prefix_cache(self) -> bool:
+        return self.llm_engine.reset_prefix_cache()
+
+    def get_metrics(self) -> dict:
+        return self.llm_engine.get_metrics()

@@ -1,0 +1,86 @@
+"""Greedy output must match transformers token for token (float32), on every scheduling path."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kvloom import LLM, SamplingParams
+from kvloom_testing import assert_all_blocks_free
+
+_HF_CACHE: dict = {}
+
+
+def hf_greedy(model_dir: str, prompt: list[int], n: int) -> list[int]:
+    key = (model_dir, tuple(prompt), n)
+    if key not in _HF_CACHE:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        # No EOS: generation runs the full n tokens without masking EOS (as ignore_eos does).
+        model.generation_config.eos_token_id = None
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, pad_token_id=0)
+        _HF_CACHE[key] = out[0, len(prompt):].tolist()
+    return _HF_CACHE[key]
+
+
+def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_qwen2"])
+def model_dir(request):
+    return request.getfixturevalue(request.param)
+
+
+def check(llm: LLM, model_dir: str, batch: list[list[int]], params=GREEDY) -> None:
+    outs = llm.generate(batch, params, use_tqdm=False)
+    for prompt, out in zip(batch, outs):
+        assert out.prompt_token_ids == prompt
+        assert out.outputs[0].token_ids == hf_greedy(model_dir, prompt, params.max_tokens)
+    assert_all_blocks_free(llm.llm_engine)
+
+
+# Lengths around the 16-token block boundary, and several blocks long.
+BOUNDARY_LENGTHS = [1, 15, 16, 17, 31, 32, 33, 100]
+
+
+def test_single_prompts_across_block_boundaries(model_dir):
+    llm = LLM(model_dir, num_gpu_blocks_override=64)
+    for p in prompts(BOUNDARY_LENGTHS):
+        check(llm, model_dir, [p])
+
+
+def test_mixed_batch(model_dir):
+    llm = LLM(model_dir, num_gpu_blocks_override=128)
+    check(llm, model_dir, prompts(BOUNDARY_LENGTHS, seed=1))
+
+
+def test_chunked_prefill_small_token_budget(model_dir):
+    # 20 tokens per step: long prompts are split into chunks while others decode.
+    llm = LLM(model_dir, num_gpu_blocks_override=128, max_num_batched_tokens=20)
+    check(llm, model_dir, prompts([100, 45, 7, 33], seed=2))
+
+
+def test_preemption_with_tiny_kv_cache(model_dir):
+    # 12 usable blocks (192 slots) for 4 requests needing up to ~5 blocks each forces preemption.
+    llm = LLM(model_dir, num_gpu_blocks_override=13, max_model_len=128)
+    batch = prompts([60, 50, 40, 30], seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    check(llm, model_dir, batch, params)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_prefix_cache_hits_keep_output(model_dir):
+    llm = LLM(model_dir, num_gpu_blocks_override=128)
+    shared = prompts([40], seed=4)[0]
+    batch = [shared + tail for tail in prompts([5, 9, 16], seed=5)] + [shared[:32]]
+    check(llm, model_dir, batch[:1])
+    check(llm, model_dir, batch)
+    assert llm.get_metrics()["prefix_cache_hits"] > 0

@@ -1,0 +1,68 @@
+"""Helpers shared by the tests: tiny random Llama-family models and engine invariants."""
+
+from __future__ import annotations
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paged attention stores keys and values in fixed-size blocks.",
+    "Continuous batching lets new requests join while others decode.",
+    "Hello world! What is the capital of France? Paris is the capital.",
+    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+] * 20
+
+
+def build_tokenizer(path: str, vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained on a small corpus, saved as HF files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_tiny_model(path: str, arch: str = "llama", seed: int = 0, **overrides) -> str:
+    """A small random model whose logits are peaked enough for stable greedy comparisons."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tokenizer(path)
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.15, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                  pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    common.update(overrides)
+    torch.manual_seed(seed)
+    if arch == "qwen2":
+        cfg = Qwen2Config(**common)
+        model = Qwen2ForCausalLM(cfg)
+        with torch.no_grad():
+            for layer in model.model.layers:  # non-zero biases so the bias path matters
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.3)
+    else:
+        cfg = LlamaConfig(**common)
+        model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def assert_all_blocks_free(engine) -> None:
+    """No request holds a block once a workload is done (cached blocks count as free)."""
+    kv = engine.kv_cache_manager
+    assert not engine.has_unfinished_requests()
+    assert not kv.req_blocks, f"blocks still held by {list(kv.req_blocks)}"
+    assert kv.num_free_blocks == kv.pool.num_usable_blocks
+    assert all(b.ref_cnt == 0 for b in kv.pool.blocks[1:])
