@@ -170,14 +170,18 @@ def _convert_gguf(gguf: Path, target: Path, source: str, need_template: bool) ->
         tokenizer.chat_template = _gguf_chat_template(gguf)
 
     logger.info("[4/4] saving the converted model to %s", target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    # os.mkdir (unlike mkdtemp's 0700) honours the umask, so a shared cache stays readable by its group.
+    staging = target.parent / f".{target.name}.staging-{os.getpid()}"
+    os.mkdir(staging)
     try:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(staging)
         GenerationConfig.from_model_config(config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         _finish_config(staging / "config.json")
-        _check_tokenizer(staging, need_template)
+        shutil.copymode(staging / "config.json", staging / "model.safetensors")  # safetensors writes 0600
+        _finish_tokenizer(staging, tokenizer.chat_template, getattr(config, "max_position_embeddings", None),
+                          need_template)
         marker = {"source": source, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (staging / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
         if target.exists():  # an incomplete directory (no marker) from an older writer
@@ -208,19 +212,27 @@ def _finish_config(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _check_tokenizer(model_dir: Path, need_template: bool) -> None:
-    """Reload the saved tokenizer as a plain loader would; make tokenizer_config.json carry the template."""
+def _finish_tokenizer(model_dir: Path, template: str | None, max_len: int | None,
+                      need_template: bool) -> None:
+    """Make tokenizer_config.json loadable by transformers 4 and 5, then reload it to check the template."""
     from transformers import AutoTokenizer
 
-    template = AutoTokenizer.from_pretrained(model_dir).chat_template
-    if not template:
-        if need_template:
-            raise RuntimeError(f"the converted tokenizer in {model_dir} lost its chat template")
-        logger.warning("%s has no chat template: chat requests will need chat_template=", model_dir)
-        return
-    # transformers 5 writes the template to chat_template.jinja; readers of tokenizer_config.json want it too.
-    cfg_path = model_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    if not cfg.get("chat_template"):
+    path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    # These are the GGUF load's own keyword arguments, which transformers 5 writes back; they are no settings.
+    for key in ("is_local", "local_files_only"):
+        cfg.pop(key, None)
+    # TokenizersBackend exists only in transformers 5, where PreTrainedTokenizerFast is its alias.
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if max_len:
+        cfg["model_max_length"] = max_len
+    # transformers 5 keeps the template in chat_template.jinja; readers of tokenizer_config.json want it too.
+    if template:
         cfg["chat_template"] = template
-        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    if AutoTokenizer.from_pretrained(model_dir).chat_template:
+        return
+    if need_template:
+        raise RuntimeError(f"the converted tokenizer in {model_dir} has no chat template")
+    logger.warning("%s has no chat template: chat requests will need chat_template=", model_dir)
