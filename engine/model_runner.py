@@ -28,7 +28,7 @@ class ModelRunner:
         torch.set_default_dtype(dtype)
         try:
             with torch.device(device):
-                self.model = build_model(arch, get_backend(device), tp)
+                self.model = build_model(arch, get_backend(device, dtype), tp)
         finally:
             torch.set_default_dtype(default_dtype)
         if model_dir is not None:
@@ -121,12 +121,11 @@ class ModelRunner:
         slot_mapping = table[seq_index, pos // bs] * bs + pos % bs
 
         nd = sum(1 for s in seqs if len(s.token_ids) == 1)
-        decode_tables = decode_mask = prefill_tables = None
+        decode_tables = decode_lens = prefill_tables = None
         if nd:
-            ctx = torch.tensor([s.start_pos + 1 for s in seqs[:nd]])
-            max_blocks = int((ctx.max() + bs - 1) // bs)
+            decode_lens = torch.tensor([s.start_pos + 1 for s in seqs[:nd]])
+            max_blocks = int((decode_lens.max() + bs - 1) // bs)
             decode_tables = table[:nd, :max_blocks]
-            decode_mask = (torch.arange(max_blocks * bs).unsqueeze(0) >= ctx.unsqueeze(1)).view(nd, 1, 1, -1)
         prefills = []
         start = nd
         for s in seqs[nd:]:
@@ -135,7 +134,7 @@ class ModelRunner:
         if len(seqs) > nd:
             prefill_tables = table[nd:]
         meta = AttentionMetadata(bs, slot_mapping.to(self.device), nd, _to(decode_tables, self.device),
-                                 _to(decode_mask, self.device), prefills, _to(prefill_tables, self.device))
+                                 _to(decode_lens, self.device), prefills, _to(prefill_tables, self.device))
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         return ids, pos.to(self.device), meta, last_index
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -28,8 +29,26 @@ class KernelBackend:
 TORCH = KernelBackend("torch", torch_ref.write_kv, torch_ref.paged_attention)
 
 
-def get_backend(device: torch.device) -> KernelBackend:
-    """Pick the kernels for a device and log the choice."""
+def _cpu_backend() -> KernelBackend | None:
+    from .cpu_ops import load_cpu_ops
+
+    ops = load_cpu_ops()
+    if ops is None:
+        return None
+
+    def decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale):
+        if q.dtype != torch.float32:
+            return torch_ref.decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale)
+        return ops.paged_attention_decode(q.contiguous(), k_cache, v_cache, block_tables, seq_lens,
+                                          block_size, scale)
+
+    return KernelBackend("cpu-c++", torch_ref.write_kv, partial(torch_ref.paged_attention, decode_attention=decode))
+
+
+def get_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> KernelBackend:
+    """Pick the kernels for a device and dtype, and log the choice."""
     backend = TORCH
+    if device.type == "cpu" and dtype == torch.float32:
+        backend = _cpu_backend() or TORCH
     logger.info("kernels: %s backend on %s", backend.name, device)
     return backend

@@ -18,7 +18,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of every token
     num_decodes: int
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks], null-block padded
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size], True = masked
+    decode_seq_lens: torch.Tensor | None  # [num_decodes] context length including the new token
     # (query start, query length, context length after this chunk) for each prefill chunk.
     prefills: list[tuple[int, int, int]]
     prefill_block_tables: torch.Tensor | None  # [num_prefills, max_blocks]

@@ -6,6 +6,8 @@ head_size]; slot s holds token s % block_size of block s // block_size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -27,17 +29,21 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) 
 
 
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    decode_attention: Callable | None = None) -> torch.Tensor:
     """Causal attention of a flat batch of tokens over the paged cache.
 
     query: [T, heads, head_size]; key/value: the same tokens' [T, kv_heads, head_size], already
     written to the cache. Decode tokens come first (one per sequence) and are computed in one
-    batched call; each prefill chunk is computed on its own.
+    batched call (by decode_attention when a faster kernel is given); each prefill chunk is
+    computed on its own.
     """
     out = torch.empty_like(query)
     nd = meta.num_decodes
     if nd:
-        out[:nd] = _decode_attention(query[:nd], k_cache, v_cache, meta, scale)
+        decode = decode_attention or decode_attention_ref
+        out[:nd] = decode(query[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens,
+                          meta.block_size, scale)
     for i, (q_start, q_len, ctx_len) in enumerate(meta.prefills):
         q = query[q_start : q_start + q_len]
         if ctx_len == q_len:
@@ -66,17 +72,19 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset:
     return o[0].transpose(0, 1)
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query token per sequence against its whole context; q: [B, H, D]."""
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                         scale: float) -> torch.Tensor:
+    """One query token per row against the first seq_lens[row] tokens of its block table; q: [B, H, D]."""
     b, heads, head_size = q.shape
-    k = gather_kv(k_cache, meta.decode_block_tables, meta.block_size)
-    v = gather_kv(v_cache, meta.decode_block_tables, meta.block_size)
+    k = gather_kv(k_cache, block_tables, block_size)
+    v = gather_kv(v_cache, block_tables, block_size)
     kv_heads = k.shape[2]
     # Group the query heads that share a KV head so one batched matmul serves the group.
     qg = q.view(b, kv_heads, heads // kv_heads, head_size)
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, kvH, g, L]
-    scores.masked_fill_(meta.decode_mask, float("-inf"))
+    mask = torch.arange(k.shape[1], device=q.device).unsqueeze(0) >= seq_lens.unsqueeze(1)
+    scores.masked_fill_(mask.view(b, 1, 1, -1), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     o = torch.matmul(probs, v.transpose(1, 2))  # [B, kvH, g, D]
     return o.reshape(b, heads, head_size)

@@ -1,0 +1,47 @@
+"""Builds and loads the C++ CPU kernels once per machine (cached); None when no compiler is usable."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = [Path(__file__).parent / "cpu" / "paged_attention.cpp"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+_loaded: dict[str, object] = {}
+
+
+def load_cpu_ops():
+    """The compiled extension module, building it on first use; None if it cannot be built."""
+    if "ops" in _loaded:
+        return _loaded["ops"]
+    ops = None
+    if os.environ.get("KVLOOM_DISABLE_CPU_KERNELS") == "1":
+        logger.info("C++ CPU kernels disabled by KVLOOM_DISABLE_CPU_KERNELS=1")
+    else:
+        try:
+            ops = _build()
+        except Exception as e:  # any compiler or toolchain failure falls back to the torch path
+            logger.warning("C++ CPU kernels unavailable (%s); using the pure-torch attention",
+                           str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+    _loaded["ops"] = ops
+    return ops
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256()
+    for src in _SOURCES:
+        digest.update(src.read_bytes())
+    digest.update(" ".join(_FLAGS).encode())
+    name = f"kvloom_cpu_ops_{digest.hexdigest()[:12]}"
+    cache = Path(os.environ.get("KVLOOM_CACHE_DIR", Path.home() / ".cache" / "kvloom")) / "kernels" / name
+    cache.mkdir(parents=True, exist_ok=True)
+    if not any(cache.glob(f"{name}*.so")):
+        logger.info("compiling the C++ CPU kernels once into %s (about a minute)", cache)
+    return cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_FLAGS,
+                              extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
