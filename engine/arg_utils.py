@@ -6,13 +6,33 @@ from dataclasses import dataclass, fields
 
 # vLLM engine arguments that make no difference to this engine; accepted so code written for
 # vLLM keeps working, and reported once.
-IGNORED_VLLM_ARGS = frozenset({
-    "swap_space", "enforce_eager", "tokenizer_mode", "revision", "tokenizer_revision", "code_revision",
-    "max_seq_len_to_capture", "disable_custom_all_reduce", "disable_async_output_proc", "cpu_offload_gb",
-    "task", "skip_tokenizer_init", "allowed_local_media_path", "hf_token", "compilation_config",
-    "disable_log_stats", "quantization", "load_format", "worker_use_ray", "distributed_executor_backend",
-    "pipeline_parallel_size", "kv_cache_dtype", "enable_lora_bias",
-})
+IGNORED_VLLM_ARGS = frozenset(
+    {
+        "swap_space",
+        "enforce_eager",
+        "tokenizer_mode",
+        "revision",
+        "tokenizer_revision",
+        "code_revision",
+        "max_seq_len_to_capture",
+        "disable_custom_all_reduce",
+        "disable_async_output_proc",
+        "cpu_offload_gb",
+        "task",
+        "skip_tokenizer_init",
+        "allowed_local_media_path",
+        "hf_token",
+        "compilation_config",
+        "disable_log_stats",
+        "quantization",
+        "load_format",
+        "worker_use_ray",
+        "distributed_executor_backend",
+        "pipeline_parallel_size",
+        "kv_cache_dtype",
+        "enable_lora_bias",
+    }
+)
 
 
 @dataclass

@@ -24,13 +24,15 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         _need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1", self.max_num_seqs)
-        _need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1",
-              self.max_num_batched_tokens)
+        _need(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1", self.max_num_batched_tokens)
         _need(self.max_model_len >= 1, "max_model_len", "must be >= 1", self.max_model_len)
         if not self.enable_chunked_prefill:
-            _need(self.max_num_batched_tokens >= self.max_model_len, "max_num_batched_tokens",
-                  f"must be >= max_model_len ({self.max_model_len}) without chunked prefill",
-                  self.max_num_batched_tokens)
+            _need(
+                self.max_num_batched_tokens >= self.max_model_len,
+                "max_num_batched_tokens",
+                f"must be >= max_model_len ({self.max_model_len}) without chunked prefill",
+                self.max_num_batched_tokens,
+            )
 
 
 @dataclass
@@ -44,15 +46,27 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
 
     def __post_init__(self) -> None:
-        _need(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
-              "must be a power of two in [1, 128]", self.block_size)
+        _need(
+            self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
+            "block_size",
+            "must be a power of two in [1, 128]",
+            self.block_size,
+        )
         if self.kv_cache_memory_gb is not None:
             _need(self.kv_cache_memory_gb > 0, "kv_cache_memory_gb", "must be > 0", self.kv_cache_memory_gb)
-        _need(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]",
-              self.gpu_memory_utilization)
+        _need(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            "gpu_memory_utilization",
+            "must be in (0, 1]",
+            self.gpu_memory_utilization,
+        )
         if self.num_gpu_blocks_override is not None:
-            _need(self.num_gpu_blocks_override >= 2, "num_gpu_blocks_override", "must be >= 2",
-                  self.num_gpu_blocks_override)
+            _need(
+                self.num_gpu_blocks_override >= 2,
+                "num_gpu_blocks_override",
+                "must be >= 2",
+                self.num_gpu_blocks_override,
+            )
 
 
 @dataclass
@@ -88,5 +102,4 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        _need(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1",
-              self.tensor_parallel_size)
+        _need(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1", self.tensor_parallel_size)

@@ -14,12 +14,12 @@ import torch
 
 from kvloom.engine.arg_utils import EngineArgs
 from kvloom.engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from kvloom.engine.detokenizer import IncrementalDetokenizer
 from kvloom.engine.kv_cache.manager import KVCacheManager
 from kvloom.engine.model_loader.resolve import resolve_model
 from kvloom.engine.model_runner import ModelRunner
 from kvloom.engine.models.arch import ArchConfig
 from kvloom.engine.output_processor import OutputProcessor, RequestState, SequenceState
-from kvloom.engine.detokenizer import IncrementalDetokenizer
 from kvloom.engine.outputs import RequestMetrics, RequestOutput
 from kvloom.engine.request import Request, RequestStatus
 from kvloom.engine.sampling_params import SamplingParams
@@ -39,10 +39,16 @@ class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         t0 = time.perf_counter()
         self.args = args
-        model_cfg = ModelConfig(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-                                max_model_len=args.max_model_len, seed=args.seed,
-                                trust_remote_code=args.trust_remote_code, device=args.device,
-                                download_dir=args.download_dir)
+        model_cfg = ModelConfig(
+            model=args.model,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            seed=args.seed,
+            trust_remote_code=args.trust_remote_code,
+            device=args.device,
+            download_dir=args.download_dir,
+        )
         if args.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not available yet; use tensor_parallel_size=1")
         self.model_dir = resolve_model(model_cfg.model, args.download_dir)
@@ -54,17 +60,22 @@ class LLMEngine:
         self.model_name = args.model or "smollm2-135m-instruct"
 
         self.runner = ModelRunner(self.arch, self.model_dir, self.dtype, self.device, args.block_size, args.seed)
-        cache_cfg = CacheConfig(block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb,
-                                gpu_memory_utilization=args.gpu_memory_utilization,
-                                enable_prefix_caching=args.enable_prefix_caching,
-                                num_gpu_blocks_override=args.num_gpu_blocks_override)
+        cache_cfg = CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory_gb=args.kv_cache_memory_gb,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enable_prefix_caching=args.enable_prefix_caching,
+            num_gpu_blocks_override=args.num_gpu_blocks_override,
+        )
         num_blocks = self._num_kv_blocks(cache_cfg)
         self.runner.allocate_kv_cache(num_blocks)
         self.max_model_len = self._max_model_len(model_cfg.max_model_len, num_blocks, args.block_size)
         batched = args.max_num_batched_tokens or max(
-            _DEFAULT_BATCHED_TOKENS, 0 if args.enable_chunked_prefill else self.max_model_len)
-        self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, self.max_model_len,
-                                                args.enable_chunked_prefill)
+            _DEFAULT_BATCHED_TOKENS, 0 if args.enable_chunked_prefill else self.max_model_len
+        )
+        self.scheduler_config = SchedulerConfig(
+            args.max_num_seqs, batched, self.max_model_len, args.enable_chunked_prefill
+        )
         self.kv_cache_manager = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager)
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -78,10 +89,17 @@ class LLMEngine:
             "KV cache: %d blocks x %d tokens = %d token slots (%.2f GiB); max_model_len %d; "
             "max concurrency at max_model_len: %.2fx; max_num_seqs %d, max_num_batched_tokens %d, "
             "prefix caching %s; ready in %.1f s",
-            num_blocks - 1, args.block_size, (num_blocks - 1) * args.block_size,
-            num_blocks * per_block_mb / 1024, self.max_model_len,
-            (num_blocks - 1) * args.block_size / self.max_model_len, args.max_num_seqs, batched,
-            "on" if args.enable_prefix_caching else "off", self.startup_seconds)
+            num_blocks - 1,
+            args.block_size,
+            (num_blocks - 1) * args.block_size,
+            num_blocks * per_block_mb / 1024,
+            self.max_model_len,
+            (num_blocks - 1) * args.block_size / self.max_model_len,
+            args.max_num_seqs,
+            batched,
+            "on" if args.enable_prefix_caching else "off",
+            self.startup_seconds,
+        )
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -113,11 +131,15 @@ class LLMEngine:
         capacity = (num_blocks - 1) * block_size
         if requested is not None:
             if requested > self.arch.max_position:
-                raise ValueError(f"max_model_len ({requested}) exceeds the model's max_position_embeddings "
-                                 f"({self.arch.max_position})")
+                raise ValueError(
+                    f"max_model_len ({requested}) exceeds the model's max_position_embeddings "
+                    f"({self.arch.max_position})"
+                )
             if requested > capacity:
-                raise ValueError(f"max_model_len ({requested}) does not fit in the KV cache ({capacity} token "
-                                 "slots); raise kv_cache_memory_gb or lower max_model_len")
+                raise ValueError(
+                    f"max_model_len ({requested}) does not fit in the KV cache ({capacity} token "
+                    "slots); raise kv_cache_memory_gb or lower max_model_len"
+                )
             return requested
         if self.arch.max_position > capacity:
             logger.info("max_model_len lowered from %d to %d to fit the KV cache", self.arch.max_position, capacity)
@@ -145,8 +167,14 @@ class LLMEngine:
             return None, ids
         raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def add_request(self, request_id: str | None, prompt, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, lora_request=None) -> str:
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        lora_request=None,
+    ) -> str:
         """Validate and queue a request; returns its id. Bad input raises before anything is queued."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -162,24 +190,34 @@ class LLMEngine:
         if not ids:
             raise ValueError("the prompt is empty (it has no tokens)")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
-                             f"at most {self.max_model_len - 1} prompt tokens leave room for one output token")
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
+                f"at most {self.max_model_len - 1} prompt tokens leave room for one output token"
+            )
         arrival = arrival_time or time.time()
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
         num = params.num_samples
         seqs, requests = [], []
         for i in range(num):
-            child = params if num == 1 else params.clone(
-                n=1, best_of=None, seed=None if params.seed is None else params.seed + i,
-                logprobs=params.logprobs if params.logprobs is not None or not params.best_of else 0)
+            child = (
+                params
+                if num == 1
+                else params.clone(
+                    n=1,
+                    best_of=None,
+                    seed=None if params.seed is None else params.seed + i,
+                    logprobs=params.logprobs if params.logprobs is not None or not params.best_of else 0,
+                )
+            )
             if not child.ignore_eos and self._extra_eos:
                 child._all_stop_token_ids |= self._extra_eos
             seq_id = request_id if num == 1 else f"{request_id}#{i}"
             requests.append(Request(seq_id, ids, child, self._eos_token_id, max_tokens, arrival))
             detok = None
             if params.detokenize:
-                detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
-                                               params.spaces_between_special_tokens)
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, ids, params.skip_special_tokens, params.spaces_between_special_tokens
+                )
             seqs.append(SequenceState(i, child, detok, logprobs=[] if params.logprobs is not None else None))
         state = RequestState(request_id, text, ids, params, seqs, RequestMetrics(arrival), lora_request)
         self.output_processor.add_request(state, [r.request_id for r in requests])
@@ -211,17 +249,27 @@ class LLMEngine:
         return outputs
 
     # ---- chat and introspection --------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            chat_template: str | None = None, continue_final_message: bool = False,
-                            **kwargs) -> list[int]:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        **kwargs,
+    ) -> list[int]:
         """Render a conversation with the model's chat template into prompt token ids."""
         if not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
         if getattr(self.tokenizer, "chat_template", None) is None and chat_template is None:
             raise ValueError("this model's tokenizer has no chat template; pass chat_template= or use generate()")
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt and not continue_final_message,
-            continue_final_message=continue_final_message, chat_template=chat_template, **kwargs)
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
+            chat_template=chat_template,
+            **kwargs,
+        )
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def get_tokenizer(self):

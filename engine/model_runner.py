@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from kvloom.engine.model_loader.weights import iter_weights
 from kvloom.engine.models import build_model
 from kvloom.engine.models.arch import ArchConfig
-from kvloom.engine.model_loader.weights import iter_weights
 from kvloom.engine.parallel import SINGLE, TPContext
 from kvloom.engine.sampler import Sampler, SamplingState, logprobs_row
 from kvloom.engine.scheduler.output import Logprobs, ModelRunnerOutput, ScheduledSeq, SchedulerOutput
@@ -16,8 +16,16 @@ from kvloom.kernels import AttentionMetadata, get_backend
 class ModelRunner:
     """Owns the model, the KV cache tensors and the per-request sampling state."""
 
-    def __init__(self, arch: ArchConfig, model_dir: str | None, dtype: torch.dtype, device: torch.device,
-                 block_size: int, seed: int, tp: TPContext = SINGLE) -> None:
+    def __init__(
+        self,
+        arch: ArchConfig,
+        model_dir: str | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int,
+        seed: int,
+        tp: TPContext = SINGLE,
+    ) -> None:
         self.arch = arch
         self.dtype = dtype
         self.device = device
@@ -49,8 +57,10 @@ class ModelRunner:
         attn = self.model.layers[0].self_attn
         shape = (num_blocks * self.block_size, attn.num_kv_heads, attn.head_size)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
             for _ in range(self.arch.num_layers)
         ]
 
@@ -133,8 +143,15 @@ class ModelRunner:
             start += len(s.token_ids)
         if len(seqs) > nd:
             prefill_tables = table[nd:]
-        meta = AttentionMetadata(bs, slot_mapping.to(self.device), nd, _to(decode_tables, self.device),
-                                 _to(decode_lens, self.device), prefills, _to(prefill_tables, self.device))
+        meta = AttentionMetadata(
+            bs,
+            slot_mapping.to(self.device),
+            nd,
+            _to(decode_tables, self.device),
+            _to(decode_lens, self.device),
+            prefills,
+            _to(prefill_tables, self.device),
+        )
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         return ids, pos.to(self.device), meta, last_index
 

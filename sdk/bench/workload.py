@@ -34,8 +34,13 @@ def english_like_text(rng: random.Random, num_words: int) -> str:
     return " ".join(words)
 
 
-def make_workload(tokenizer, num_requests: int, seed: int = 0, prompt_len: tuple[int, int] = (32, 512),
-                  output_len: tuple[int, int] = (32, 256)) -> list[WorkItem]:
+def make_workload(
+    tokenizer,
+    num_requests: int,
+    seed: int = 0,
+    prompt_len: tuple[int, int] = (32, 512),
+    output_len: tuple[int, int] = (32, 256),
+) -> list[WorkItem]:
     """num_requests prompts of uniform length in prompt_len tokens, outputs uniform in output_len."""
     rng = random.Random(seed)
     items = []

@@ -85,8 +85,9 @@ def test_lru_eviction_drops_oldest_cached_blocks_first():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["alloc", "grow", "free"]), st.integers(0, 5),
-                          st.integers(1, 40)), max_size=60))
+@given(
+    st.lists(st.tuples(st.sampled_from(["alloc", "grow", "free"]), st.integers(0, 5), st.integers(1, 40)), max_size=60)
+)
 def test_random_operations_never_leak_or_double_free(ops):
     kv = KVCacheManager(num_blocks=12, block_size=4)
     live: dict[int, Request] = {}

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from kvloom.engine.model_loader import resolve
 from kvloom.engine.model_loader.resolve import (
     COMPLETE_MARKER,
@@ -122,7 +123,8 @@ def test_default_model_is_fetched_and_converted(tmp_path: Path, monkeypatch: pyt
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == (576, 30, 3)
     assert cfg["tie_word_embeddings"] is True and "quantization_config" not in cfg
     prompt = AutoTokenizer.from_pretrained(path).apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert "<|im_start|>assistant" in prompt
     assert [p.name for p in tmp_path.joinpath("models").iterdir() if p.is_dir()] == [DEFAULT_ALIAS]
 

@@ -14,12 +14,27 @@ def test_defaults_follow_vllm():
     assert SamplingParams(stop="x").stop == ["x"]
 
 
-@pytest.mark.parametrize("field,value", [
-    ("temperature", -0.5), ("temperature", 3.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2),
-    ("min_p", 1.5), ("max_tokens", 0), ("n", 0), ("presence_penalty", 2.5), ("frequency_penalty", -3.0),
-    ("repetition_penalty", 0.0), ("logprobs", 50), ("min_tokens", -1), ("stop", [""]),
-    ("stop_token_ids", [-1]), ("best_of", 0),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -0.5),
+        ("temperature", 3.0),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("min_p", 1.5),
+        ("max_tokens", 0),
+        ("n", 0),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3.0),
+        ("repetition_penalty", 0.0),
+        ("logprobs", 50),
+        ("min_tokens", -1),
+        ("stop", [""]),
+        ("stop_token_ids", [-1]),
+        ("best_of", 0),
+    ],
+)
 def test_bad_values_raise_value_error_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})

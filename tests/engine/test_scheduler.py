@@ -21,8 +21,13 @@ def make(num_blocks=64, block_size=4, max_seqs=8, budget=32, max_len=256, cachin
 
 
 def req(rid, n_prompt, max_tokens=4, first_token=1):
-    return Request(rid, list(range(first_token, first_token + n_prompt)), SamplingParams(ignore_eos=True),
-                   eos_token_id=0, max_tokens=max_tokens)
+    return Request(
+        rid,
+        list(range(first_token, first_token + n_prompt)),
+        SamplingParams(ignore_eos=True),
+        eos_token_id=0,
+        max_tokens=max_tokens,
+    )
 
 
 def fake_step(s: Scheduler, token=7):
