@@ -55,11 +55,13 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         attn = self.model.layers[0].self_attn
-        shape = (num_blocks * self.block_size, attn.num_kv_heads, attn.head_size)
+        # Keys are dimension-major inside a block, values token-major (see kvloom.kernels.torch_ref).
+        k_shape = (num_blocks, attn.num_kv_heads, attn.head_size, self.block_size)
+        v_shape = (num_blocks * self.block_size, attn.num_kv_heads, attn.head_size)
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(k_shape, dtype=self.dtype, device=self.device),
+                torch.zeros(v_shape, dtype=self.dtype, device=self.device),
             )
             for _ in range(self.arch.num_layers)
         ]

@@ -1,7 +1,9 @@
 """Pure-torch kernels: the CPU path and the reference every other kernel is tested against.
 
-KV cache layout, per layer: key and value caches of shape [num_blocks * block_size, num_kv_heads,
-head_size]; slot s holds token s % block_size of block s // block_size.
+KV cache layout, per layer. Slot s is token s % block_size of block s // block_size.
+- values: [num_blocks * block_size, num_kv_heads, head_size];
+- keys: [num_blocks, num_kv_heads, head_size, block_size], dimension-major inside a block so that a
+  kernel computes the scores of a whole block with vertical vector operations.
 """
 
 from __future__ import annotations
@@ -18,15 +20,23 @@ def write_kv(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store each token's key/value ([T, kv_heads, head_size]) at its slot."""
-    k_cache.index_copy_(0, slot_mapping, key)
+    block_size = k_cache.shape[-1]
+    k_cache[slot_mapping // block_size, :, :, slot_mapping % block_size] = key
     v_cache.index_copy_(0, slot_mapping, value)
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Keys (or values) of whole block tables: [B, max_blocks * block_size, kv_heads, head_size]."""
+    """Values of whole block tables: [B, max_blocks * block_size, kv_heads, head_size]."""
     num_slots, kv_heads, head_size = cache.shape
     blocks = cache.view(num_slots // block_size, block_size, kv_heads, head_size)[block_tables]
     return blocks.view(block_tables.shape[0], -1, kv_heads, head_size)
+
+
+def gather_keys(k_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Keys of whole block tables, token-major: [B, max_blocks * block_size, kv_heads, head_size]."""
+    _, kv_heads, head_size, _ = k_cache.shape
+    blocks = k_cache[block_tables].permute(0, 1, 4, 2, 3)  # [B, nblk, bs, kvH, D]
+    return blocks.reshape(block_tables.shape[0], -1, kv_heads, head_size)
 
 
 def paged_attention(
@@ -60,7 +70,7 @@ def paged_attention(
             k, v = key[q_start : q_start + q_len], value[q_start : q_start + q_len]
         else:
             table = meta.prefill_block_tables[i : i + 1]
-            k = gather_kv(k_cache, table, meta.block_size)[0, :ctx_len]
+            k = gather_keys(k_cache, table)[0, :ctx_len]
             v = gather_kv(v_cache, table, meta.block_size)[0, :ctx_len]
         out[q_start : q_start + q_len] = _causal_attention(q, k, v, ctx_len - q_len, scale)
     return out
@@ -91,7 +101,7 @@ def decode_attention_ref(
 ) -> torch.Tensor:
     """One query token per row against the first seq_lens[row] tokens of its block table; q: [B, H, D]."""
     b, heads, head_size = q.shape
-    k = gather_kv(k_cache, block_tables, block_size)
+    k = gather_keys(k_cache, block_tables)
     v = gather_kv(v_cache, block_tables, block_size)
     kv_heads = k.shape[2]
     # Group the query heads that share a KV head so one batched matmul serves the group.

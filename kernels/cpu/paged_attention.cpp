@@ -1,8 +1,8 @@
 // Paged attention for one query token per row, reading keys and values straight from the block
 // pool (no gather copy). Each row attends to the first seq_lens[row] tokens of its block table.
-// Cache layout: [num_blocks * block_size, num_kv_heads, head_size], float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -11,13 +11,6 @@
 #endif
 
 namespace {
-
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
 
 inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
@@ -45,52 +38,68 @@ inline float fast_exp(float x) {
 }
 
 #if defined(__AVX512F__)
-// Scores and weighted values for one query head with head_size = 16 * NC, keeping the query and
-// the output accumulator in registers across the whole context.
+// Scores of 16 tokens (one block, keys stored [head_size][16]) for G query heads: every FMA is
+// vertical, with no horizontal reductions.
+template <int G>
+inline void block_scores_avx512(const float* q, const float* kblock, int64_t d, int64_t n, float scale,
+                                float* s, int64_t s_stride) {
+  __m512 acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; ++i) {
+    const __m512 k = _mm512_loadu_ps(kblock + i * 16);
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * d + i]), k, acc[g]);
+  }
+  const __mmask16 mask = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int g = 0; g < G; ++g) _mm512_mask_storeu_ps(s + g * s_stride, mask, _mm512_mul_ps(acc[g], sc));
+}
+
+// Weighted sum of values for one query head with head_size = 16 * NC, accumulator in registers.
 template <int NC>
-void attend_head_avx512(const float* q, const float* kc, const float* vc, const int64_t* table, int64_t ctx,
-                        int64_t block_size, int64_t token_stride, float scale, float* s, float* out) {
-  __m512 qv[NC];
-  for (int c = 0; c < NC; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < ctx; ++t) {
-    const float* kp = kc + (table[t / block_size] * block_size + t % block_size) * token_stride;
-    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
-    for (int c = 1; c < NC; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kp + 16 * c), acc);
-    const float v = _mm512_reduce_add_ps(acc) * scale;
-    s[t] = v;
-    mx = v > mx ? v : mx;
-  }
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < ctx; ++t) {
-    s[t] = fast_exp(s[t] - mx);
-    sum += s[t];
-  }
+inline void weighted_values_avx512(const float* p, const float* vc, const int64_t* table, int64_t ctx,
+                                   int64_t block_size, int64_t token_stride, float inv_sum, float* out) {
   __m512 o[NC];
   for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < ctx; ++t) {
-    const float* vp = vc + (table[t / block_size] * block_size + t % block_size) * token_stride;
-    const __m512 p = _mm512_set1_ps(s[t]);
-    for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vp + 16 * c), o[c]);
+  for (int64_t b = 0, t = 0; t < ctx; ++b) {
+    const float* vp = vc + table[b] * block_size * token_stride;
+    const int64_t stop = std::min(ctx, t + block_size);
+    for (; t < stop; ++t, vp += token_stride) {
+      const __m512 w = _mm512_set1_ps(p[t]);
+      for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp + 16 * c), o[c]);
+    }
   }
-  const __m512 inv = _mm512_set1_ps(1.f / sum);
+  const __m512 inv = _mm512_set1_ps(inv_sum);
   for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
+}
+
+inline bool block_scores_fast(int64_t group, const float* q, const float* kblock, int64_t d, int64_t n,
+                              float scale, float* s, int64_t s_stride) {
+  switch (group) {
+    case 1: block_scores_avx512<1>(q, kblock, d, n, scale, s, s_stride); return true;
+    case 2: block_scores_avx512<2>(q, kblock, d, n, scale, s, s_stride); return true;
+    case 3: block_scores_avx512<3>(q, kblock, d, n, scale, s, s_stride); return true;
+    case 4: block_scores_avx512<4>(q, kblock, d, n, scale, s, s_stride); return true;
+    case 5: block_scores_avx512<5>(q, kblock, d, n, scale, s, s_stride); return true;
+    case 6: block_scores_avx512<6>(q, kblock, d, n, scale, s, s_stride); return true;
+    case 7: block_scores_avx512<7>(q, kblock, d, n, scale, s, s_stride); return true;
+    case 8: block_scores_avx512<8>(q, kblock, d, n, scale, s, s_stride); return true;
+    default: return false;
+  }
 }
 #endif
 
 }  // namespace
 
-torch::Tensor paged_attention_decode(torch::Tensor query,        // [N, H, D]
-                                     torch::Tensor k_cache,      // [S, KVH, D]
-                                     torch::Tensor v_cache,      // [S, KVH, D]
-                                     torch::Tensor block_tables, // [N, max_blocks] int64
-                                     torch::Tensor seq_lens,     // [N] int64
-                                     int64_t block_size, double scale) {
+// query [N, H, D]; k_cache [num_blocks, KVH, D, block_size] (keys of a block stored dimension-major so
+// one vector load covers a dimension of every token of the block); v_cache [num_blocks * block_size, KVH, D].
+torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, int64_t block_size,
+                                     double scale) {
   TORCH_CHECK(query.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "float32 only");
   TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
   const int64_t n = query.size(0), heads = query.size(1), d = query.size(2);
   const int64_t kv_heads = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == d && k_cache.size(3) == block_size, "k_cache must be [blocks, kv_heads, d, bs]");
   const int64_t group = heads / kv_heads;
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
@@ -103,6 +112,7 @@ torch::Tensor paged_attention_decode(torch::Tensor query,        // [N, H, D]
   const int64_t max_blocks = tables.size(1);
   float* o = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
+  const int64_t block_stride = kv_heads * d * block_size;
 
   at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
@@ -110,45 +120,53 @@ torch::Tensor paged_attention_decode(torch::Tensor query,        // [N, H, D]
       const int64_t row = task / kv_heads, h = task % kv_heads;
       const int64_t ctx = sl[row];
       const int64_t* table = tb + row * max_blocks;
-      scores.assign(group * ctx, 0.f);
+      // Room for a whole last block so vector stores never run past the buffer.
+      const int64_t padded = ((ctx + block_size - 1) / block_size) * block_size;
+      scores.resize(group * padded);
+      float* s = scores.data();
       const float* qg = q + (row * heads + h * group) * d;
+      for (int64_t b = 0; b * block_size < ctx; ++b) {
+        const float* kblock = kc + table[b] * block_stride + h * d * block_size;
+        const int64_t valid = std::min(block_size, ctx - b * block_size);
+        bool done = false;
 #if defined(__AVX512F__)
-      if (d == 64 || d == 128) {
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qh = qg + g * d;
-          float* oh = o + (row * heads + h * group + g) * d;
-          if (d == 64)
-            attend_head_avx512<4>(qh, kc + h * d, vc + h * d, table, ctx, block_size, kv_heads * d, fscale,
-                                  scores.data(), oh);
-          else
-            attend_head_avx512<8>(qh, kc + h * d, vc + h * d, table, ctx, block_size, kv_heads * d, fscale,
-                                  scores.data(), oh);
-        }
-        continue;
-      }
+        if (block_size == 16) done = block_scores_fast(group, qg, kblock, d, valid, fscale, s + b * 16, padded);
 #endif
-      for (int64_t t = 0; t < ctx; ++t) {
-        const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        const float* kp = kc + (slot * kv_heads + h) * d;
-        for (int64_t g = 0; g < group; ++g) scores[g * ctx + t] = dot(qg + g * d, kp, d) * fscale;
+        if (!done) {
+          for (int64_t g = 0; g < group; ++g)
+            for (int64_t j = 0; j < valid; ++j) {
+              float acc = 0.f;
+              for (int64_t i = 0; i < d; ++i) acc += qg[g * d + i] * kblock[i * block_size + j];
+              s[g * padded + b * block_size + j] = acc * fscale;
+            }
+        }
       }
-      float* og = o + (row * heads + h * group) * d;
       for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * ctx;
+        float* sg = s + g * padded;
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < ctx; ++t) mx = s[t] > mx ? s[t] : mx;
+        for (int64_t t = 0; t < ctx; ++t) mx = sg[t] > mx ? sg[t] : mx;
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < ctx; ++t) {
-          s[t] = fast_exp(s[t] - mx);
-          sum += s[t];
+          sg[t] = fast_exp(sg[t] - mx);
+          sum += sg[t];
         }
-        const float inv = 1.f / sum;
-        float* out_row = og + g * d;
+        float* out_row = o + (row * heads + h * group + g) * d;
+        const float* vh = vc + h * d;
+#if defined(__AVX512F__)
+        if (d == 64) {
+          weighted_values_avx512<4>(sg, vh, table, ctx, block_size, kv_heads * d, 1.f / sum, out_row);
+          continue;
+        }
+        if (d == 128) {
+          weighted_values_avx512<8>(sg, vh, table, ctx, block_size, kv_heads * d, 1.f / sum, out_row);
+          continue;
+        }
+#endif
         for (int64_t i = 0; i < d; ++i) out_row[i] = 0.f;
         for (int64_t t = 0; t < ctx; ++t) {
           const int64_t slot = table[t / block_size] * block_size + t % block_size;
-          axpy(s[t] * inv, vc + (slot * kv_heads + h) * d, out_row, d);
+          axpy(sg[t] / sum, vh + slot * kv_heads * d, out_row, d);
         }
       }
     }
