@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from kvloom.engine.model_loader.weights import iter_weights
@@ -57,12 +60,9 @@ class ModelRunner:
         attn = self.model.layers[0].self_attn
         # Keys are dimension-major inside a block, values token-major (see kvloom.kernels.torch_ref).
         k_shape = (num_blocks, attn.num_kv_heads, attn.head_size, self.block_size)
-        v_shape = (num_blocks * self.block_size, attn.num_kv_heads, attn.head_size)
+        v_shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_size)
         self.kv_caches = [
-            (
-                torch.zeros(k_shape, dtype=self.dtype, device=self.device),
-                torch.zeros(v_shape, dtype=self.dtype, device=self.device),
-            )
+            (_zeros(k_shape, self.dtype, self.device), _zeros(v_shape, self.dtype, self.device))
             for _ in range(self.arch.num_layers)
         ]
 
@@ -173,6 +173,22 @@ class ModelRunner:
                 targets = state.prompt_token_ids[s.start_pos + 1 : s.start_pos + 1 + n]
                 entries = [logprobs_row(rows[j], t, k) for j, t in enumerate(targets)]
             result.prompt_logprobs[s.req_id] = entries
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor; on CPU backed by an anonymous mapping that asks for huge pages.
+
+    Decode attention touches blocks all over the cache; huge pages spare it most TLB misses, and
+    the kernel zero-fills the mapping lazily, so allocating a large cache costs no start-up time.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    buf = mmap.mmap(-1, max(numel * dtype.itemsize, 1))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    # frombuffer keeps a reference to the mapping for the tensor's lifetime.
+    return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
 
 
 def _block_table(block_ids: list[list[int]]) -> torch.Tensor:

@@ -24,6 +24,9 @@ class KernelBackend:
     name: str
     write_kv: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., tuple] = torch_ref.rms_norm
+    rotary_embedding: Callable[..., tuple] = torch_ref.rotary_embedding
+    silu_and_mul: Callable[..., torch.Tensor] = torch_ref.silu_and_mul
 
 
 TORCH = KernelBackend("torch", torch_ref.write_kv, torch_ref.paged_attention)
@@ -41,7 +44,23 @@ def _cpu_backend() -> KernelBackend | None:
             return torch_ref.decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale)
         return ops.paged_attention_decode(q.contiguous(), k_cache, v_cache, block_tables, seq_lens, block_size, scale)
 
-    return KernelBackend("cpu-c++", torch_ref.write_kv, partial(torch_ref.paged_attention, decode_attention=decode))
+    def rms_norm(x, residual, weight, eps):
+        if residual is None:
+            return ops.rms_norm(x, None, weight, eps), None
+        return ops.rms_norm(x, residual, weight, eps), residual
+
+    def rotary_embedding(positions, q, k, cos, sin):
+        ops.rotary_embedding(positions, q, k, cos, sin)
+        return q, k
+
+    return KernelBackend(
+        "cpu-c++",
+        torch_ref.write_kv,
+        partial(torch_ref.paged_attention, decode_attention=decode),
+        rms_norm,
+        rotary_embedding,
+        ops.silu_and_mul,
+    )
 
 
 def get_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> KernelBackend:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "cpu" / "paged_attention.cpp"]
+_SOURCES = [Path(__file__).parent / "cpu" / name for name in ("paged_attention.cpp", "elementwise.cpp")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 _loaded: dict[str, object] = {}
 
@@ -37,7 +37,7 @@ def _build():
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256()
-    for src in _SOURCES:
+    for src in [*_SOURCES, Path(__file__).parent / "cpu" / "fast_exp.h"]:
         digest.update(src.read_bytes())
     digest.update(" ".join(_FLAGS).encode())
     name = f"kvloom_cpu_ops_{digest.hexdigest()[:12]}"

@@ -1,9 +1,10 @@
 """Pure-torch kernels: the CPU path and the reference every other kernel is tested against.
 
-KV cache layout, per layer. Slot s is token s % block_size of block s // block_size.
-- values: [num_blocks * block_size, num_kv_heads, head_size];
+KV cache layout, per layer. Slot s is token s % block_size of block s // block_size; each (block,
+head) pair is one contiguous run of block_size * head_size numbers.
 - keys: [num_blocks, num_kv_heads, head_size, block_size], dimension-major inside a block so that a
-  kernel computes the scores of a whole block with vertical vector operations.
+  kernel computes the scores of a whole block with vertical vector operations;
+- values: [num_blocks, num_kv_heads, block_size, head_size].
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ def write_kv(
 ) -> None:
     """Store each token's key/value ([T, kv_heads, head_size]) at its slot."""
     block_size = k_cache.shape[-1]
-    k_cache[slot_mapping // block_size, :, :, slot_mapping % block_size] = key
-    v_cache.index_copy_(0, slot_mapping, value)
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, :, :, offsets] = key
+    v_cache[blocks, :, offsets, :] = value
 
 
-def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Values of whole block tables: [B, max_blocks * block_size, kv_heads, head_size]."""
-    num_slots, kv_heads, head_size = cache.shape
-    blocks = cache.view(num_slots // block_size, block_size, kv_heads, head_size)[block_tables]
-    return blocks.view(block_tables.shape[0], -1, kv_heads, head_size)
+def gather_values(v_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """Values of whole block tables, token-major: [B, max_blocks * block_size, kv_heads, head_size]."""
+    _, kv_heads, _, head_size = v_cache.shape
+    blocks = v_cache[block_tables].permute(0, 1, 3, 2, 4)  # [B, nblk, bs, kvH, D]
+    return blocks.reshape(block_tables.shape[0], -1, kv_heads, head_size)
 
 
 def gather_keys(k_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,7 @@ def paged_attention(
         else:
             table = meta.prefill_block_tables[i : i + 1]
             k = gather_keys(k_cache, table)[0, :ctx_len]
-            v = gather_kv(v_cache, table, meta.block_size)[0, :ctx_len]
+            v = gather_values(v_cache, table)[0, :ctx_len]
         out[q_start : q_start + q_len] = _causal_attention(q, k, v, ctx_len - q_len, scale)
     return out
 
@@ -102,7 +104,7 @@ def decode_attention_ref(
     """One query token per row against the first seq_lens[row] tokens of its block table; q: [B, H, D]."""
     b, heads, head_size = q.shape
     k = gather_keys(k_cache, block_tables)
-    v = gather_kv(v_cache, block_tables, block_size)
+    v = gather_values(v_cache, block_tables)
     kv_heads = k.shape[2]
     # Group the query heads that share a KV head so one batched matmul serves the group.
     qg = q.view(b, kv_heads, heads // kv_heads, head_size)
@@ -112,3 +114,35 @@ def decode_attention_ref(
     probs = torch.softmax(scores, dim=-1)
     o = torch.matmul(probs, v.transpose(1, 2))  # [B, kvH, g, D]
     return o.reshape(b, heads, head_size)
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """norm(x) * weight; with a residual, (norm(x + residual) * weight, x + residual) as HF Llama orders it."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(x.dtype)
+    return out, residual
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX (half-split) rotation of q [T, H, D] and k [T, kvH, D] with cos/sin tables [max_pos, D/2]."""
+    c = cos[positions].unsqueeze(1)
+    s = sin[positions].unsqueeze(1)
+    return _rotate(q, c, s), _rotate(k, c, s)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x holds [gate | up] on its last dimension; returns silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

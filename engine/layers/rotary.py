@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from kvloom.kernels import TORCH, KernelBackend
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -34,21 +36,21 @@ def _inv_freq(head_size: int, base: float, scaling: dict | None) -> torch.Tensor
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin for every position up to max_position."""
 
-    def __init__(self, head_size: int, max_position: int, base: float, scaling: dict | None = None):
+    def __init__(
+        self,
+        head_size: int,
+        max_position: int,
+        base: float,
+        scaling: dict | None = None,
+        kernels: KernelBackend = TORCH,
+    ):
         super().__init__()
+        self.kernels = kernels
         inv_freq = _inv_freq(head_size, base, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, H, D], k: [T, kvH, D] rotated at their positions."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        """q: [T, H, D], k: [T, kvH, D] rotated at their positions (possibly in place)."""
+        return self.kernels.rotary_embedding(positions, q, k, self.cos, self.sin)

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <limits>
 #include <vector>
+
+#include "fast_exp.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -15,26 +17,6 @@ namespace {
 inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-// exp(x) for x <= 0 (softmax after subtracting the max): Cody-Waite range reduction and a degree-6
-// polynomial, accurate to a few ulp, written so the compiler vectorizes the loop calling it.
-inline float fast_exp(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float t = x * 1.44269504088896341f;
-  const float fi = __builtin_floorf(t);
-  const float f = x - fi * 0.693359375f + fi * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * f + 1.3981999507e-3f;
-  p = p * f + 8.3334519073e-3f;
-  p = p * f + 4.1665795894e-2f;
-  p = p * f + 1.6666665459e-1f;
-  p = p * f + 5.0000001201e-1f;
-  p = p * f * f + f + 1.f;
-  int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
 }
 
 #if defined(__AVX512F__)
@@ -57,13 +39,13 @@ inline void block_scores_avx512(const float* q, const float* kblock, int64_t d, 
 // Weighted sum of values for one query head with head_size = 16 * NC, accumulator in registers.
 template <int NC>
 inline void weighted_values_avx512(const float* p, const float* vc, const int64_t* table, int64_t ctx,
-                                   int64_t block_size, int64_t token_stride, float inv_sum, float* out) {
+                                   int64_t block_size, int64_t block_stride, float inv_sum, float* out) {
   __m512 o[NC];
   for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
   for (int64_t b = 0, t = 0; t < ctx; ++b) {
-    const float* vp = vc + table[b] * block_size * token_stride;
+    const float* vp = vc + table[b] * block_stride;
     const int64_t stop = std::min(ctx, t + block_size);
-    for (; t < stop; ++t, vp += token_stride) {
+    for (; t < stop; ++t, vp += 16 * NC) {
       const __m512 w = _mm512_set1_ps(p[t]);
       for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp + 16 * c), o[c]);
     }
@@ -91,7 +73,7 @@ inline bool block_scores_fast(int64_t group, const float* q, const float* kblock
 }  // namespace
 
 // query [N, H, D]; k_cache [num_blocks, KVH, D, block_size] (keys of a block stored dimension-major so
-// one vector load covers a dimension of every token of the block); v_cache [num_blocks * block_size, KVH, D].
+// one vector load covers a dimension of every token of the block); v_cache [num_blocks, KVH, block_size, D].
 torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, int64_t block_size,
                                      double scale) {
@@ -148,25 +130,25 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < ctx; ++t) {
-          sg[t] = fast_exp(sg[t] - mx);
+          sg[t] = kvloom::fast_exp(sg[t] - mx);
           sum += sg[t];
         }
         float* out_row = o + (row * heads + h * group + g) * d;
-        const float* vh = vc + h * d;
+        const float* vh = vc + h * block_size * d;
 #if defined(__AVX512F__)
         if (d == 64) {
-          weighted_values_avx512<4>(sg, vh, table, ctx, block_size, kv_heads * d, 1.f / sum, out_row);
+          weighted_values_avx512<4>(sg, vh, table, ctx, block_size, block_stride, 1.f / sum, out_row);
           continue;
         }
         if (d == 128) {
-          weighted_values_avx512<8>(sg, vh, table, ctx, block_size, kv_heads * d, 1.f / sum, out_row);
+          weighted_values_avx512<8>(sg, vh, table, ctx, block_size, block_stride, 1.f / sum, out_row);
           continue;
         }
 #endif
         for (int64_t i = 0; i < d; ++i) out_row[i] = 0.f;
         for (int64_t t = 0; t < ctx; ++t) {
-          const int64_t slot = table[t / block_size] * block_size + t % block_size;
-          axpy(sg[t] / sum, vh + slot * kv_heads * d, out_row, d);
+          const float* vp = vh + table[t / block_size] * block_stride + (t % block_size) * d;
+          axpy(sg[t] / sum, vp, out_row, d);
         }
       }
     }
@@ -174,6 +156,14 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
   return out;
 }
 
+torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps);
+void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k, torch::Tensor cos,
+                      torch::Tensor sin);
+torch::Tensor silu_and_mul(torch::Tensor x);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode, "paged attention, one query token per row");
+  m.def("rms_norm", &rms_norm, "RMSNorm with optional in-place residual add");
+  m.def("rotary_embedding", &rotary_embedding, "in-place NeoX rotary embedding of q and k");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
 }

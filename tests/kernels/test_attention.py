@@ -15,9 +15,10 @@ def random_paged(ctx_lens: list[int], kv_heads: int, head_size: int, block_size:
     nblk = [-(-n // block_size) for n in ctx_lens]
     total = sum(nblk) + 1
     k_tokens = torch.randn(total * block_size, kv_heads, head_size, generator=g)
-    v_cache = torch.randn(total * block_size, kv_heads, head_size, generator=g)
-    # Keys live dimension-major inside each block: [num_blocks, kv_heads, head_size, block_size].
+    v_tokens = torch.randn(total * block_size, kv_heads, head_size, generator=g)
+    # Keys are [num_blocks, kv_heads, head_size, block_size], values [num_blocks, kv_heads, block_size, head_size].
     k_cache = k_tokens.view(total, block_size, kv_heads, head_size).permute(0, 2, 3, 1).contiguous()
+    v_cache = v_tokens.view(total, block_size, kv_heads, head_size).permute(0, 2, 1, 3).contiguous()
     order = (torch.randperm(total - 1, generator=g) + 1).tolist()
     tables = torch.zeros(len(ctx_lens), max(nblk), dtype=torch.long)
     dense = []
@@ -25,7 +26,7 @@ def random_paged(ctx_lens: list[int], kv_heads: int, head_size: int, block_size:
         tables[i, : nblk[i]] = torch.tensor(order[: nblk[i]])
         order = order[nblk[i] :]
         slots = torch.cat([torch.arange(b * block_size, (b + 1) * block_size) for b in tables[i, : nblk[i]]])[:n]
-        dense.append((k_tokens[slots], v_cache[slots]))
+        dense.append((k_tokens[slots], v_tokens[slots]))
     return k_cache, v_cache, tables, dense
 
 
@@ -98,10 +99,13 @@ def test_paged_attention_mixes_decodes_and_prefill_chunks(device_backend):
 
 
 def test_write_kv_places_tokens_at_their_slots():
-    k_cache = torch.zeros(4, 2, 4, 8)  # 4 blocks of 8 slots
-    v_cache = torch.zeros(32, 2, 4)
+    k_cache = torch.zeros(4, 2, 4, 8)  # 4 blocks of 8 slots, 2 heads of size 4
+    v_cache = torch.zeros(4, 2, 8, 4)
     key, value = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
     torch_ref.write_kv(key, value, k_cache, v_cache, torch.tensor([5, 17, 30]))
-    assert torch.equal(k_cache[2, :, :, 1], key[1]) and torch.equal(v_cache[30], value[2])
-    assert torch.equal(torch_ref.gather_keys(k_cache, torch.tensor([[0, 2]]))[0, 9], key[1])
-    assert k_cache[1].abs().sum() == 0 and v_cache[0].abs().sum() == 0
+    assert torch.equal(k_cache[2, :, :, 1], key[1]) and torch.equal(v_cache[3, :, 6, :], value[2])
+    table = torch.tensor([[0, 2]])
+    assert torch.equal(torch_ref.gather_keys(k_cache, table)[0, 9], key[1])
+    assert torch.equal(torch_ref.gather_values(v_cache, table)[0, 9], value[1])
+    assert torch.equal(torch_ref.gather_values(v_cache, torch.tensor([[3]]))[0, 6], value[2])
+    assert k_cache[1].abs().sum() == 0 and v_cache[1].abs().sum() == 0  # block 1 holds none of the slots

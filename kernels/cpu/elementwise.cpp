@@ -1,0 +1,97 @@
+// Fused element-wise ops of a Llama layer (float32): residual add + RMSNorm, rotary embedding in
+// place, SiLU(gate) * up. Each replaces several memory passes of the torch reference with one.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+
+#include "fast_exp.h"
+
+namespace {
+
+inline void rms_row(const float* __restrict x, const float* __restrict w, float* __restrict out, int64_t n,
+                    float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+}  // namespace
+
+// out = rms_norm(x) * weight, or with a residual: residual += x (in place); out = rms_norm(residual) * weight.
+torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "float32 [T, H] contiguous");
+  const int64_t t = x.size(0), h = x.size(1);
+  auto out = torch::empty_like(x);
+  const float* w = weight.data_ptr<float>();
+  float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* rp = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  if (rp) TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(), "residual like x");
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, t, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* src = xp + row * h;
+      if (rp) {
+        float* r = rp + row * h;
+#pragma omp simd
+        for (int64_t i = 0; i < h; ++i) r[i] += src[i];
+        src = r;
+      }
+      rms_row(src, w, op + row * h, h, feps);
+    }
+  });
+  return out;
+}
+
+// Rotate q [T, H, D] and k [T, KVH, D] in place (rows may be strided, heads contiguous), NeoX
+// half-split layout, with cos/sin tables [max_pos, D/2].
+void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k, torch::Tensor cos,
+                      torch::Tensor sin) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && q.stride(1) == q.size(2) && k.stride(1) == k.size(2),
+              "heads must be contiguous");
+  const int64_t t = q.size(0), hq = q.size(1), hk = k.size(1), d = q.size(2), half = d / 2;
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  const int64_t qs = q.stride(0), ks = k.stride(0);
+  at::parallel_for(0, t, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* c = cp + pos[row] * half;
+      const float* s = sp + pos[row] * half;
+      for (int64_t head = 0; head < hq + hk; ++head) {
+        float* x = head < hq ? qp + row * qs + head * d : kp + row * ks + (head - hq) * d;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = x[i], x2 = x[i + half];
+          x[i] = x1 * c[i] - x2 * s[i];
+          x[i + half] = x2 * c[i] + x1 * s[i];
+        }
+      }
+    }
+  });
+}
+
+// x: [T, 2I] holding gate then up; returns silu(gate) * up, [T, I].
+torch::Tensor silu_and_mul(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2, "float32 [T, 2I] contiguous");
+  const int64_t t = x.size(0), inter = x.size(1) / 2;
+  auto out = torch::empty({t, inter}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, t, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* g = xp + row * 2 * inter;
+      const float* u = g + inter;
+      float* o = op + row * inter;
+#pragma omp simd
+      for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.f + kvloom::fast_exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
