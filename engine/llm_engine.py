@@ -246,6 +246,10 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(updated, result)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         self.stats.record_step(sched_out, len(result.sampled_token_ids), self.scheduler.num_preemptions)
+        kv = self.kv_cache_manager
+        self.stats.record_kv(
+            kv.num_used_blocks * kv.block_size, kv.num_unfilled_slots(self.scheduler.running), kv.usage
+        )
         return outputs
 
     # ---- chat and introspection --------------------------------------------------------------
@@ -284,6 +288,7 @@ class LLMEngine:
             kv_cache_usage_perc=kv.usage,
             num_kv_blocks=kv.pool.num_usable_blocks,
             num_free_kv_blocks=kv.num_free_blocks,
+            num_used_kv_blocks=kv.num_used_blocks,
             prefix_cache_queries=kv.stats.queries,
             prefix_cache_hits=kv.stats.hits,
         )

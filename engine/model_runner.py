@@ -162,16 +162,19 @@ class ModelRunner:
             state = self.states[s.req_id]
             k = state.params.prompt_logprobs
             num_prompt = len(state.prompt_token_ids)
-            if k is None or s.start_pos >= num_prompt:
+            # Position p's logits score prompt token p + 1. A request recomputed after preemption
+            # does not report positions it already reported.
+            begin = max(s.start_pos, state.num_prompt_logprobs)
+            end = min(s.start_pos + len(s.token_ids), num_prompt - 1)
+            if k is None or (begin >= end and s.start_pos > 0):
                 continue
-            # Position p's logits score prompt token p + 1.
-            n = min(len(s.token_ids), num_prompt - 1 - s.start_pos)
             entries: list[Logprobs] = []
-            if n > 0:
-                first = last_index[i] - len(s.token_ids) + 1
-                rows = torch.log_softmax(self.model.compute_logits(hidden[first : first + n]), dim=-1)
-                targets = state.prompt_token_ids[s.start_pos + 1 : s.start_pos + 1 + n]
+            if begin < end:
+                first = last_index[i] - len(s.token_ids) + 1 + (begin - s.start_pos)
+                rows = torch.log_softmax(self.model.compute_logits(hidden[first : first + end - begin]), dim=-1)
+                targets = state.prompt_token_ids[begin + 1 : end + 1]
                 entries = [logprobs_row(rows[j], t, k) for j, t in enumerate(targets)]
+                state.num_prompt_logprobs = end
             result.prompt_logprobs[s.req_id] = entries
 
 
@@ -184,7 +187,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
-    buf = mmap.mmap(-1, max(numel * dtype.itemsize, 1))
+    buf = mmap.mmap(-1, max(numel * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)
     # frombuffer keeps a reference to the mapping for the tensor's lifetime.

@@ -20,6 +20,8 @@ class SamplingState:
     generator: torch.Generator | None = None
     # Tokens that must not be produced before min_tokens outputs exist (EOS and stop_token_ids).
     min_tokens_blocked: list[int] = field(default_factory=list)
+    # Prompt positions whose log-probabilities were already reported.
+    num_prompt_logprobs: int = 0
 
 
 class Sampler:

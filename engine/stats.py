@@ -16,6 +16,9 @@ class EngineStats:
     generation_tokens: int = 0
     num_preemptions: int = 0
     peak_running: int = 0
+    # Highest fraction, over steps, of allocated KV slots that held no token (paging's internal waste).
+    peak_kv_waste: float = 0.0
+    peak_kv_usage: float = 0.0
 
     def record_step(self, out: SchedulerOutput, num_sampled: int, num_preemptions: int) -> None:
         if out.is_empty:
@@ -27,6 +30,11 @@ class EngineStats:
         self.generation_tokens += num_sampled
         self.num_preemptions = num_preemptions
         self.peak_running = max(self.peak_running, len(out.seqs))
+
+    def record_kv(self, used_slots: int, unfilled_slots: int, usage: float) -> None:
+        if used_slots:
+            self.peak_kv_waste = max(self.peak_kv_waste, unfilled_slots / used_slots)
+        self.peak_kv_usage = max(self.peak_kv_usage, usage)
 
     def snapshot(self, **gauges) -> dict:
         return {**asdict(self), **gauges}

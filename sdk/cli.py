@@ -46,15 +46,15 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--kv-cache-memory-gb", type=float, default=None)
     gen.set_defaults(func=_generate)
 
-    bench = sub.add_parser("bench", help="benchmarks (throughput)")
-    bench.add_argument("which", choices=["throughput"])
+    bench = sub.add_parser("bench", help="benchmarks: throughput, prefix")
+    bench.add_argument("which", choices=["throughput", "prefix"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)
     if args.command == "bench":
-        from kvloom.bench import throughput
+        import importlib
 
-        throughput.main(args.rest)
+        importlib.import_module(f"kvloom.bench.{args.which}").main(args.rest)
         return
     try:
         args.func(args)

@@ -54,8 +54,20 @@ class KVCacheManager:
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, ())]
 
-    def num_allocated_slots(self) -> int:
-        return sum(len(blocks) for blocks in self.req_blocks.values()) * self.block_size
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks held by at least one request (a block shared by several counts once)."""
+        return self.pool.num_usable_blocks - self.pool.num_free_blocks
+
+    def num_unfilled_slots(self, requests: list[Request]) -> int:
+        """Allocated slots that hold no computed token. Only a request's tail block can be partly
+        empty; shared blocks are always full, so summing per request counts no slot twice."""
+        bs = self.block_size
+        return sum(
+            len(self.req_blocks.get(r.request_id, ())) * bs - r.num_computed_tokens
+            for r in requests
+            if r.request_id in self.req_blocks
+        )
 
     # ---- prefix cache ------------------------------------------------------------------------
     def _update_block_hashes(self, request: Request, num_tokens: int) -> None:

@@ -14,6 +14,13 @@
 
 namespace {
 
+// Blocks sit at random places in the cache, so the hardware prefetcher cannot run ahead across
+// them; request the next block's bytes while the current one is being used.
+inline void prefetch_bytes(const float* p, int64_t num_floats) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < num_floats * 4; off += 64) __builtin_prefetch(c + off, 0, 1);
+}
+
 inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
@@ -45,6 +52,7 @@ inline void weighted_values_avx512(const float* p, const float* vc, const int64_
   for (int64_t b = 0, t = 0; t < ctx; ++b) {
     const float* vp = vc + table[b] * block_stride;
     const int64_t stop = std::min(ctx, t + block_size);
+    if (stop < ctx) prefetch_bytes(vc + table[b + 1] * block_stride, block_size * 16 * NC);
     for (; t < stop; ++t, vp += 16 * NC) {
       const __m512 w = _mm512_set1_ps(p[t]);
       for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp + 16 * c), o[c]);
@@ -110,6 +118,12 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
       for (int64_t b = 0; b * block_size < ctx; ++b) {
         const float* kblock = kc + table[b] * block_stride + h * d * block_size;
         const int64_t valid = std::min(block_size, ctx - b * block_size);
+        if ((b + 1) * block_size < ctx) {
+          // Values are fetched during the score pass too, so the weighted sum finds them in cache.
+          const int64_t next = table[b + 1] * block_stride + h * d * block_size;
+          prefetch_bytes(kc + next, d * block_size);
+          prefetch_bytes(vc + next, d * block_size);
+        }
         bool done = false;
 #if defined(__AVX512F__)
         if (block_size == 16) done = block_scores_fast(group, qg, kblock, d, valid, fscale, s + b * 16, padded);

@@ -95,9 +95,11 @@ def run_peer(peer_dir: str, peer_python: str, model_dir: str, workload: str, dty
     out = subprocess.run(
         [peer_python, str(script), model_dir, workload, "--dtype", dtype], capture_output=True, text=True
     )
-    if out.returncode != 0:
-        return {"system": "vllm-cpu", "error": out.stderr.strip().splitlines()[-1:] or ["failed"]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # The peer may print log lines to stdout too; its result is the last JSON object it printed.
+    for line in reversed(out.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"system": "vllm-cpu", "error": (out.stderr.strip().splitlines() or ["failed"])[-3:]}
 
 
 def _child(args: argparse.Namespace) -> None:
