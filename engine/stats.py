@@ -16,9 +16,13 @@ class EngineStats:
     generation_tokens: int = 0
     num_preemptions: int = 0
     peak_running: int = 0
-    # Highest fraction, over steps, of allocated KV slots that held no token (paging's internal waste).
-    peak_kv_waste: float = 0.0
+    # Paging's internal waste: the fraction of allocated KV slots that held no token, at the step
+    # where allocated slots peaked (when memory is scarcest) and the highest over all steps (which
+    # the last few short sequences of a workload dominate).
+    kv_waste_at_peak: float = 0.0
+    max_kv_waste: float = 0.0
     peak_kv_usage: float = 0.0
+    peak_used_slots: int = 0
 
     def record_step(self, out: SchedulerOutput, num_sampled: int, num_preemptions: int) -> None:
         if out.is_empty:
@@ -32,8 +36,13 @@ class EngineStats:
         self.peak_running = max(self.peak_running, len(out.seqs))
 
     def record_kv(self, used_slots: int, unfilled_slots: int, usage: float) -> None:
-        if used_slots:
-            self.peak_kv_waste = max(self.peak_kv_waste, unfilled_slots / used_slots)
+        if not used_slots:
+            return
+        waste = unfilled_slots / used_slots
+        self.max_kv_waste = max(self.max_kv_waste, waste)
+        if used_slots >= self.peak_used_slots:
+            self.peak_used_slots = used_slots
+            self.kv_waste_at_peak = waste
         self.peak_kv_usage = max(self.peak_kv_usage, usage)
 
     def snapshot(self, **gauges) -> dict:

@@ -14,6 +14,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
+    "AsyncLLM",
+    "get_engine",
+    "serve",
+    "shutdown_engines",
     "CompletionOutput",
     "EngineArgs",
     "LLMEngine",
@@ -31,6 +35,18 @@ def __getattr__(name: str):
         from kvloom.engine.llm_engine import LLMEngine
 
         return LLMEngine
+    if name == "AsyncLLM":
+        from kvloom.async_llm import AsyncLLM
+
+        return AsyncLLM
+    if name == "serve":
+        from kvloom.serving import serve
+
+        return serve
+    if name in ("get_engine", "shutdown_engines"):
+        from kvloom import registry
+
+        return getattr(registry, name)
     raise AttributeError(f"module 'kvloom' has no attribute {name!r}")
 
 

@@ -26,6 +26,43 @@ def _generate(args: argparse.Namespace) -> None:
     print(out.outputs[0].text)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import os
+    import signal
+    import threading
+
+    from kvloom.async_llm import AsyncLLM
+    from kvloom.engine.arg_utils import EngineArgs
+    from kvloom.integrations.openai.server import start_server
+
+    engine_args = EngineArgs(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        seed=args.seed,
+        enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+    )
+    if args.enable_lora or args.lora_modules:
+        raise ValueError("LoRA adapters are not available yet in this engine")
+    client = AsyncLLM(engine_args)
+    api_key = args.api_key or os.environ.get("KVLOOM_API_KEY")
+    handle = start_server(client, args.host, args.port, api_key, args.served_model_name, args.allowed_origins or None)
+    print(f"kvloom: serving {client.model_name} at {handle.base_url}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("kvloom: shutting down", flush=True)
+    handle.stop()
+    client.shutdown()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kvloom", description="In-process LLM serving SDK.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +82,26 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--kv-cache-memory-gb", type=float, default=None)
     gen.set_defaults(func=_generate)
+
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    srv.add_argument("model", nargs="?", default=None, help="local HF dir, .gguf, or alias (default model if omitted)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (or KVLOOM_API_KEY)")
+    srv.add_argument("--served-model-name", nargs="+", default=None)
+    srv.add_argument("--allowed-origins", nargs="*", default=[], help="enable CORS for these origins")
+    srv.add_argument("--lora-modules", nargs="*", default=[])
+    srv.add_argument("--enable-lora", action="store_true")
+    srv.add_argument("--max-loras", type=int, default=1)
+    srv.add_argument("--max-lora-rank", type=int, default=16)
+    srv.add_argument("--max-model-len", type=int, default=None)
+    srv.add_argument("--max-num-seqs", type=int, default=256)
+    srv.add_argument("--max-num-batched-tokens", type=int, default=None)
+    srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    srv.add_argument("--dtype", default="auto")
+    srv.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    srv.add_argument("--seed", type=int, default=0)
+    srv.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks: throughput, prefix")
     bench.add_argument("which", choices=["throughput", "prefix"])

@@ -50,6 +50,20 @@ class LLM:
 
         self.llm_engine = LLMEngine(args)
         self._counter = itertools.count()
+        self._client = None
+
+    @property
+    def engine_client(self):
+        """An AsyncLLM over this LLM's engine (created on first use) for servers and adapters.
+
+        Once it exists, generate() and chat() submit through it too, so every caller shares one
+        step loop and is batched together.
+        """
+        if self._client is None:
+            from kvloom.async_llm import AsyncLLM
+
+            self._client = AsyncLLM(engine=self.llm_engine)
+        return self._client
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -60,7 +60,7 @@ def run(model: str | None, prompts: list[list[int]], caching: bool, max_tokens: 
         "prompt_tokens": sum(len(p) for p in prompts),
         "computed_prompt_tokens": m["prompt_tokens"],
         "hit_rate": round(m["prefix_cache_hits"] / max(m["prefix_cache_queries"], 1), 3),
-        "peak_kv_waste": round(m["peak_kv_waste"], 4),
+        "kv_waste_at_peak": round(m["kv_waste_at_peak"], 4),
     }
 
 

@@ -59,7 +59,14 @@ def run_kvloom(model_dir: str, workload: str, dtype: str, engine_kwargs: dict) -
     assert all(len(o.outputs[0].token_ids) == it.max_tokens for o, it in zip(outs, items))
     report = _report("kvloom", items, seconds, startup)
     m = llm.get_metrics()
-    report.update(num_steps=m["num_steps"], num_preemptions=m["num_preemptions"], peak_running=m["peak_running"])
+    report.update(
+        num_steps=m["num_steps"],
+        num_preemptions=m["num_preemptions"],
+        peak_running=m["peak_running"],
+        peak_kv_usage=round(m["peak_kv_usage"], 4),
+        kv_waste_at_peak=round(m["kv_waste_at_peak"], 4),
+        max_kv_waste=round(m["max_kv_waste"], 4),
+    )
     return report
 
 

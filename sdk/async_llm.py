@@ -1,0 +1,180 @@
+"""AsyncLLM: one engine stepped by a background thread, streamed to many callers at once.
+
+Callers on any thread or event loop add requests and read their outputs as they are produced:
+`async for out in llm.generate(...)` from asyncio code, `for out in llm.stream(...)` from plain
+threads. Outputs are DELTA, CUMULATIVE or FINAL_ONLY as the request's SamplingParams say
+(CUMULATIVE by default, as in vLLM). A request whose consumer goes away is aborted and its KV
+blocks freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from kvloom.engine.arg_utils import EngineArgs
+from kvloom.engine.outputs import RequestOutput
+from kvloom.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_Deliver = Callable[[object], None]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine was shut down; no request can be served."""
+
+
+class AsyncLLM:
+    """The engine client shared by the server and the framework adapters."""
+
+    def __init__(self, engine_args: EngineArgs | None = None, engine=None, **kwargs) -> None:
+        """Build an engine from engine_args (or keyword arguments), or serve an existing LLMEngine."""
+        from kvloom.engine.llm_engine import LLMEngine
+
+        if engine is None:
+            engine = LLMEngine(engine_args or EngineArgs.from_kwargs(**kwargs))
+        self.engine_args = engine.args
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._streams: dict[str, _Deliver] = {}
+        self._ids = itertools.count()
+        self._dead = False
+        self._thread = threading.Thread(target=self._run, name="kvloom-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the background loop -----------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._lock:
+                while not self._dead and not engine.has_unfinished_requests():
+                    self._work.wait()
+                if self._dead:
+                    return
+                try:
+                    outputs = engine.step()
+                    error = None
+                except Exception as e:  # a failing step fails the requests in it, not the loop
+                    logger.exception("engine step failed; failing its requests")
+                    outputs, error = [], e
+                    failed = list(self._streams)
+                    for rid in failed:
+                        engine.abort_request(rid)
+                deliveries = [(self._streams.get(o.request_id), o) for o in outputs]
+                for out in outputs:
+                    if out.finished:
+                        self._streams.pop(out.request_id, None)
+                if error is not None:
+                    deliveries += [(self._streams.pop(rid, None), error) for rid in failed]
+            for deliver, item in deliveries:
+                if deliver is not None:
+                    deliver(item)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def submit(
+        self, prompt, params: SamplingParams | None, request_id: str | None, lora_request, deliver: _Deliver
+    ) -> str:
+        """Queue a request whose outputs (or an exception) are passed to deliver on the engine thread."""
+        with self._lock:
+            if self._dead:
+                raise EngineDeadError("the engine has been shut down")
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            rid = self.engine.add_request(rid, prompt, params, lora_request=lora_request)
+            self._streams[rid] = deliver
+            self._work.notify()
+        return rid
+
+    async def generate(
+        self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None, lora_request=None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the outputs of one request; bad input raises before anything is yielded."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        rid = self.submit(
+            prompt,
+            sampling_params,
+            request_id,
+            lora_request,
+            lambda item: loop.call_soon_threadsafe(q.put_nowait, item),
+        )
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def stream(
+        self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None, lora_request=None
+    ) -> Iterator[RequestOutput]:
+        """The blocking form of generate(), for callers without an event loop."""
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        rid = self.submit(prompt, sampling_params, request_id, lora_request, q.put)
+        finished = False
+        try:
+            while not finished:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; unknown or finished ids are ignored."""
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self.engine.abort_request(request_id)
+
+    # ---- engine facts and lifecycle ----------------------------------------------------------
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
+        with self._lock:
+            return self.engine.apply_chat_template(messages, **kwargs)
+
+    def get_metrics(self) -> dict:
+        with self._lock:
+            return self.engine.get_metrics()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def is_running(self) -> bool:
+        return not self._dead and self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        """Stop the loop, fail what is still running, and drop the model and KV cache."""
+        with self._lock:
+            if self._dead:
+                return
+            self._dead = True
+            streams, self._streams = self._streams, {}
+            for rid in streams:
+                self.engine.abort_request(rid)
+            self._work.notify_all()
+        for deliver in streams.values():
+            deliver(EngineDeadError("the engine was shut down while the request ran"))
+        self._thread.join(timeout=30)
+        self.engine.runner.kv_caches = []
+        self.engine.runner.model = None
