@@ -83,6 +83,38 @@ def test_preemption_with_tiny_kv_cache(model_dir):
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ],
+    ids=["linear", "llama3"],
+)
+def test_rope_scaling_matches_transformers(tmp_path, rope_scaling):
+    from kvloom_testing import build_tiny_model
+
+    model_dir = build_tiny_model(
+        str(tmp_path), seed=3, rope_scaling=rope_scaling, rope_theta=500000.0, tie_word_embeddings=True
+    )
+    llm = LLM(model_dir, num_gpu_blocks_override=64)
+    check(llm, model_dir, prompts([5, 40, 130], seed=6))
+
+
+def test_bfloat16_runs_on_the_torch_kernels(tiny_llama):
+    llm = LLM(tiny_llama, dtype="bfloat16", num_gpu_blocks_override=32)
+    assert llm.llm_engine.runner.model.layers[0].self_attn.kernels.name == "torch"
+    out = llm.generate(prompts([20, 3]), GREEDY, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in out)
+    assert_all_blocks_free(llm.llm_engine)
+
+
 def test_prefix_cache_hits_keep_output(model_dir):
     llm = LLM(model_dir, num_gpu_blocks_override=128)
     shared = prompts([40], seed=4)[0]
