@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -81,7 +81,6 @@ class ModelConfig:
     trust_remote_code: bool = False
     device: str = "auto"
     download_dir: str | None = None
-    hf_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _need(self.dtype in _DTYPES, "dtype", f"must be one of {', '.join(_DTYPES)}", self.dtype)
@@ -93,13 +92,3 @@ class ModelConfig:
                 "Llama-family models and never executes code shipped with a model",
                 stacklevel=3,
             )
-
-
-@dataclass
-class ParallelConfig:
-    """Tensor parallelism (one process per rank)."""
-
-    tensor_parallel_size: int = 1
-
-    def __post_init__(self) -> None:
-        _need(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1", self.tensor_parallel_size)
