@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -31,6 +32,14 @@ logger = logging.getLogger(__name__)
 _DEFAULT_CPU_KV_GB = 4.0
 _DEFAULT_BATCHED_TOKENS = 2048
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PreparedRequest:
+    """A validated, tokenized request ready to be queued."""
+
+    state: RequestState
+    requests: list[Request]
 
 
 class LLMEngine:
@@ -176,14 +185,32 @@ class LLMEngine:
         lora_request=None,
     ) -> str:
         """Validate and queue a request; returns its id. Bad input raises before anything is queued."""
+        return self.commit_request(self.prepare_request(request_id, prompt, params, arrival_time, lora_request))
+
+    def commit_request(self, prepared: PreparedRequest) -> str:
+        """Queue a prepared request (the only part of adding that touches engine state)."""
+        if prepared.state.request_id in self.output_processor.requests:
+            raise ValueError(f"request id {prepared.state.request_id!r} is already in use")
+        self.output_processor.add_request(prepared.state, [r.request_id for r in prepared.requests])
+        for r in prepared.requests:
+            self.scheduler.add_request(r)
+        return prepared.state.request_id
+
+    def prepare_request(
+        self,
+        request_id: str | None,
+        prompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        lora_request=None,
+    ) -> PreparedRequest:
+        """Validate and tokenize a request without touching engine state (safe from any thread)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if lora_request is not None:
             raise ValueError("LoRA adapters are not available yet in this engine")
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        if request_id in self.output_processor.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.process_prompt(prompt)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens :]
@@ -220,10 +247,7 @@ class LLMEngine:
                 )
             seqs.append(SequenceState(i, child, detok, logprobs=[] if params.logprobs is not None else None))
         state = RequestState(request_id, text, ids, params, seqs, RequestMetrics(arrival), lora_request)
-        self.output_processor.add_request(state, [r.request_id for r in requests])
-        for r in requests:
-            self.scheduler.add_request(r)
-        return request_id
+        return PreparedRequest(state, requests)
 
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

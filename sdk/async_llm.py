@@ -40,8 +40,12 @@ class AsyncLLM:
             engine = LLMEngine(engine_args or EngineArgs.from_kwargs(**kwargs))
         self.engine_args = engine.args
         self.engine = engine
+        # The engine is touched only by the loop thread. Callers hand it new requests and aborts
+        # through these inboxes, so adding a request never waits for a step to finish.
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
+        self._inbox: list = []
+        self._aborts: list[str] = []
         self._streams: dict[str, _Deliver] = {}
         self._ids = itertools.count()
         self._dead = False
@@ -53,19 +57,26 @@ class AsyncLLM:
         engine = self.engine
         while True:
             with self._lock:
-                while not self._dead and not engine.has_unfinished_requests():
+                while not (self._dead or self._inbox or self._aborts or engine.has_unfinished_requests()):
                     self._work.wait()
                 if self._dead:
                     return
-                try:
-                    outputs = engine.step()
-                    error = None
-                except Exception as e:  # a failing step fails the requests in it, not the loop
-                    logger.exception("engine step failed; failing its requests")
-                    outputs, error = [], e
-                    failed = list(self._streams)
-                    for rid in failed:
-                        engine.abort_request(rid)
+                adds, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            for prepared in adds:
+                engine.commit_request(prepared)
+            for rid in aborts:
+                engine.abort_request(rid)
+            if not engine.has_unfinished_requests():
+                continue
+            try:
+                outputs, error = engine.step(), None
+            except Exception as e:  # a failing step fails the requests in it, not the loop
+                logger.exception("engine step failed; failing its requests")
+                outputs, error = [], e
+                failed = list(engine.output_processor.requests)
+                engine.abort_request(failed)
+            with self._lock:
                 deliveries = [(self._streams.get(o.request_id), o) for o in outputs]
                 for out in outputs:
                     if out.finished:
@@ -80,13 +91,19 @@ class AsyncLLM:
     def submit(
         self, prompt, params: SamplingParams | None, request_id: str | None, lora_request, deliver: _Deliver
     ) -> str:
-        """Queue a request whose outputs (or an exception) are passed to deliver on the engine thread."""
+        """Queue a request whose outputs (or an exception) are passed to deliver on the engine thread.
+
+        Validation and tokenization happen here, on the caller's thread: bad input raises at once.
+        """
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        prepared = self.engine.prepare_request(rid, prompt, params, lora_request=lora_request)
         with self._lock:
             if self._dead:
                 raise EngineDeadError("the engine has been shut down")
-            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-            rid = self.engine.add_request(rid, prompt, params, lora_request=lora_request)
+            if rid in self._streams:
+                raise ValueError(f"request id {rid!r} is already in use")
             self._streams[rid] = deliver
+            self._inbox.append(prepared)
             self._work.notify()
         return rid
 
@@ -136,20 +153,20 @@ class AsyncLLM:
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; unknown or finished ids are ignored."""
         with self._lock:
-            self._streams.pop(request_id, None)
-            self.engine.abort_request(request_id)
+            if self._streams.pop(request_id, None) is not None and not self._dead:
+                self._aborts.append(request_id)
+                self._work.notify()
 
     # ---- engine facts and lifecycle ----------------------------------------------------------
     def get_tokenizer(self):
         return self.engine.tokenizer
 
     def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
-        with self._lock:
-            return self.engine.apply_chat_template(messages, **kwargs)
+        return self.engine.apply_chat_template(messages, **kwargs)
 
     def get_metrics(self) -> dict:
-        with self._lock:
-            return self.engine.get_metrics()
+        """The engine's counters and gauges (read while it runs; each value is current to a step)."""
+        return self.engine.get_metrics()
 
     @property
     def max_model_len(self) -> int:
@@ -170,11 +187,10 @@ class AsyncLLM:
                 return
             self._dead = True
             streams, self._streams = self._streams, {}
-            for rid in streams:
-                self.engine.abort_request(rid)
+            self._inbox, self._aborts = [], []
             self._work.notify_all()
+        self._thread.join(timeout=30)
         for deliver in streams.values():
             deliver(EngineDeadError("the engine was shut down while the request ran"))
-        self._thread.join(timeout=30)
         self.engine.runner.kv_caches = []
         self.engine.runner.model = None
