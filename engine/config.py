@@ -21,6 +21,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    # Distinct LoRA adapters that may run at once (the slots); 0: no limit (LoRA off).
+    max_loras: int = 0
 
     def __post_init__(self) -> None:
         _need(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1", self.max_num_seqs)

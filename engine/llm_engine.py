@@ -17,6 +17,9 @@ from kvloom.engine.arg_utils import EngineArgs
 from kvloom.engine.config import CacheConfig, ModelConfig, SchedulerConfig
 from kvloom.engine.detokenizer import IncrementalDetokenizer
 from kvloom.engine.kv_cache.manager import KVCacheManager
+from kvloom.engine.lora.adapter import LoRAAdapter
+from kvloom.engine.lora.manager import LoRAManager
+from kvloom.engine.lora.request import LoRARequest
 from kvloom.engine.model_loader.resolve import resolve_model
 from kvloom.engine.model_runner import ModelRunner
 from kvloom.engine.models.arch import ArchConfig
@@ -40,6 +43,7 @@ class PreparedRequest:
 
     state: RequestState
     requests: list[Request]
+    adapter: LoRAAdapter | None = None
 
 
 class LLMEngine:
@@ -69,6 +73,17 @@ class LLMEngine:
         self.model_name = args.model or "smollm2-135m-instruct"
 
         self.runner = ModelRunner(self.arch, self.model_dir, self.dtype, self.device, args.block_size, args.seed)
+        self.lora_manager: LoRAManager | None = None
+        if args.enable_lora:
+            self.lora_manager = LoRAManager(
+                self.runner.model,
+                args.max_loras,
+                args.max_lora_rank,
+                args.max_cpu_loras,
+                self.dtype,
+                self.runner.kernels,
+            )
+            self.runner.lora_manager = self.lora_manager
         cache_cfg = CacheConfig(
             block_size=args.block_size,
             kv_cache_memory_gb=args.kv_cache_memory_gb,
@@ -83,10 +98,18 @@ class LLMEngine:
             _DEFAULT_BATCHED_TOKENS, 0 if args.enable_chunked_prefill else self.max_model_len
         )
         self.scheduler_config = SchedulerConfig(
-            args.max_num_seqs, batched, self.max_model_len, args.enable_chunked_prefill
+            args.max_num_seqs,
+            batched,
+            self.max_model_len,
+            args.enable_chunked_prefill,
+            args.max_loras if args.enable_lora else 0,
         )
         self.kv_cache_manager = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager)
+        self.scheduler = Scheduler(
+            self.scheduler_config,
+            self.kv_cache_manager,
+            self.lora_manager.release if self.lora_manager is not None else None,
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         self._eos_token_id, self._extra_eos = _eos_ids(self.tokenizer, self.arch, self.model_dir)
@@ -191,6 +214,8 @@ class LLMEngine:
         """Queue a prepared request (the only part of adding that touches engine state)."""
         if prepared.state.request_id in self.output_processor.requests:
             raise ValueError(f"request id {prepared.state.request_id!r} is already in use")
+        if prepared.adapter is not None:
+            self.lora_manager.acquire(prepared.adapter, len(prepared.requests))
         self.output_processor.add_request(prepared.state, [r.request_id for r in prepared.requests])
         for r in prepared.requests:
             self.scheduler.add_request(r)
@@ -208,8 +233,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if lora_request is not None:
-            raise ValueError("LoRA adapters are not available yet in this engine")
+        adapter = self._load_lora(lora_request)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         text, ids = self.process_prompt(prompt)
         if params.truncate_prompt_tokens is not None:
@@ -239,7 +263,17 @@ class LLMEngine:
             if not child.ignore_eos and self._extra_eos:
                 child._all_stop_token_ids |= self._extra_eos
             seq_id = request_id if num == 1 else f"{request_id}#{i}"
-            requests.append(Request(seq_id, ids, child, self._eos_token_id, max_tokens, arrival))
+            requests.append(
+                Request(
+                    seq_id,
+                    ids,
+                    child,
+                    self._eos_token_id,
+                    max_tokens,
+                    arrival,
+                    lora_id=adapter.lora_int_id if adapter is not None else 0,
+                )
+            )
             detok = None
             if params.detokenize:
                 detok = IncrementalDetokenizer(
@@ -247,7 +281,41 @@ class LLMEngine:
                 )
             seqs.append(SequenceState(i, child, detok, logprobs=[] if params.logprobs is not None else None))
         state = RequestState(request_id, text, ids, params, seqs, RequestMetrics(arrival), lora_request)
-        return PreparedRequest(state, requests)
+        return PreparedRequest(state, requests, adapter)
+
+    # ---- LoRA adapters -------------------------------------------------------------------------
+    def _load_lora(self, lora_request) -> LoRAAdapter | None:
+        if lora_request is None:
+            return None
+        if self.lora_manager is None:
+            raise ValueError("LoRA is not enabled: create the engine with enable_lora=True (or --enable-lora)")
+        if isinstance(lora_request, str):
+            named = self.lora_manager.get_lora_request(lora_request)
+            if named is None:
+                raise ValueError(f"no LoRA adapter named {lora_request!r} is registered (add it with add_lora)")
+            lora_request = named
+        return self.lora_manager.load(lora_request)
+
+    def _loras(self) -> LoRAManager:
+        if self.lora_manager is None:
+            raise ValueError("LoRA is not enabled: create the engine with enable_lora=True")
+        return self.lora_manager
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Register an adapter by name and load it into host memory (errors raise here)."""
+        return self._loras().add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter (requests already using it finish with it); False if it was unknown."""
+        return self._loras().remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        """Ids of the registered adapters and of those in host memory."""
+        return self.lora_manager.list_loras() if self.lora_manager is not None else set()
+
+    def get_lora_request(self, name: str) -> LoRARequest | None:
+        """The registered adapter with this name, if any."""
+        return self.lora_manager.get_lora_request(name) if self.lora_manager is not None else None
 
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

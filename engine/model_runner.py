@@ -13,7 +13,7 @@ from kvloom.engine.models.arch import ArchConfig
 from kvloom.engine.parallel import SINGLE, TPContext
 from kvloom.engine.sampler import Sampler, SamplingState, logprobs_row
 from kvloom.engine.scheduler.output import Logprobs, ModelRunnerOutput, ScheduledSeq, SchedulerOutput
-from kvloom.kernels import AttentionMetadata, get_backend
+from kvloom.kernels import AttentionMetadata, LoRAMetadata, get_backend
 
 
 class ModelRunner:
@@ -38,8 +38,9 @@ class ModelRunner:
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
+            self.kernels = get_backend(device, dtype)
             with torch.device(device):
-                self.model = build_model(arch, get_backend(device, dtype), tp)
+                self.model = build_model(arch, self.kernels, tp)
         finally:
             torch.set_default_dtype(default_dtype)
         if model_dir is not None:
@@ -49,6 +50,9 @@ class ModelRunner:
         self.states: dict[str, SamplingState] = {}
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.eos_token_ids: tuple[int, ...] = arch.eos_token_ids
+        # Set by the engine when LoRA is enabled; the adapter id of each request with one.
+        self.lora_manager = None
+        self.req_lora: dict[str, int] = {}
 
     # ---- KV cache ----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -85,15 +89,29 @@ class ModelRunner:
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in out.finished_req_ids:
             self.states.pop(req_id, None)
+            self.req_lora.pop(req_id, None)
         for new in out.new_requests:
             self.states[new.req_id] = self._new_state(new.sampling_params, new.prompt_token_ids)
+            if new.lora_id:
+                self.req_lora[new.req_id] = new.lora_id
         if out.is_empty:
             return ModelRunnerOutput()
 
-        # Decodes first, then prefill chunks (the layout AttentionMetadata expects).
-        seqs = sorted(out.seqs, key=lambda s: len(s.token_ids) > 1)
+        # Decodes first, then prefill chunks (the layout AttentionMetadata expects); within each,
+        # requests of one adapter side by side so that LoRA runs one matmul per adapter.
+        slot_of = self._activate_loras(out.seqs)
+        slot = lambda s: slot_of.get(self.req_lora.get(s.req_id, 0), -1)
+        seqs = sorted(out.seqs, key=lambda s: (len(s.token_ids) > 1, slot(s)))
         input_ids, positions, meta, last_index = self._prepare_inputs(seqs)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if slot_of:
+            self.lora_manager.ctx.meta = LoRAMetadata.from_token_slots(
+                [slot(s) for s in seqs], [len(s.token_ids) for s in seqs], self.device
+            )
+        try:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        finally:
+            if self.lora_manager is not None:
+                self.lora_manager.ctx.meta = None
 
         sampling = [i for i, s in enumerate(seqs) if s.do_sample]
         result = ModelRunnerOutput(req_ids=[seqs[i].req_id for i in sampling])
@@ -107,6 +125,13 @@ class ModelRunner:
             result.logprobs = logprobs
         self._prompt_logprobs(seqs, hidden, last_index, result)
         return result
+
+    def _activate_loras(self, seqs: list[ScheduledSeq]) -> dict[int, int]:
+        """Slots for the adapters of this step's requests (lora id -> slot); empty without any."""
+        if not self.req_lora:
+            return {}
+        ids = {self.req_lora[s.req_id] for s in seqs if s.req_id in self.req_lora}
+        return self.lora_manager.activate(ids) if ids else {}
 
     def _new_state(self, params, prompt_token_ids: list[int]) -> SamplingState:
         generator = None

@@ -1,18 +1,22 @@
-"""Attention and cache kernels behind one door: Triton on CUDA when available, pure torch elsewhere."""
+"""Attention, cache, norm and LoRA kernels behind one door.
+
+Pure torch is the reference and the fallback; C++ kernels serve float32 on CPUs; Triton LoRA
+kernels (SGMV shrink/expand) serve CUDA when Triton is installed.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
 from . import torch_ref
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, LoRAMetadata
 
-__all__ = ["AttentionMetadata", "KernelBackend", "get_backend"]
+__all__ = ["AttentionMetadata", "KernelBackend", "LoRAMetadata", "get_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +31,8 @@ class KernelBackend:
     rms_norm: Callable[..., tuple] = torch_ref.rms_norm
     rotary_embedding: Callable[..., tuple] = torch_ref.rotary_embedding
     silu_and_mul: Callable[..., torch.Tensor] = torch_ref.silu_and_mul
+    lora_shrink: Callable[..., torch.Tensor] = torch_ref.lora_shrink
+    lora_expand: Callable[..., None] = torch_ref.lora_expand
 
 
 TORCH = KernelBackend("torch", torch_ref.write_kv, torch_ref.paged_attention)
@@ -63,10 +69,25 @@ def _cpu_backend() -> KernelBackend | None:
     )
 
 
+def _with_triton_lora(backend: KernelBackend) -> KernelBackend:
+    try:
+        from . import triton_lora
+    except ImportError:
+        return backend
+    return replace(
+        backend,
+        name=f"{backend.name}+triton-lora",
+        lora_shrink=triton_lora.lora_shrink,
+        lora_expand=triton_lora.lora_expand,
+    )
+
+
 def get_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> KernelBackend:
     """Pick the kernels for a device and dtype, and log the choice."""
     backend = TORCH
     if device.type == "cpu" and dtype == torch.float32:
         backend = _cpu_backend() or TORCH
+    elif device.type == "cuda":
+        backend = _with_triton_lora(backend)
     logger.info("kernels: %s backend on %s", backend.name, device)
     return backend

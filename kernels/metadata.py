@@ -22,3 +22,45 @@ class AttentionMetadata:
     # (query start, query length, context length after this chunk) for each prefill chunk.
     prefills: list[tuple[int, int, int]]
     prefill_block_tables: torch.Tensor | None  # [num_prefills, max_blocks]
+
+
+@dataclass
+class LoRAMetadata:
+    """Which adapter slot each token uses, as per-token indices and as runs of equal slots.
+
+    The model runner orders sequences so that tokens of one adapter are contiguous; `segments`
+    lists those runs (start, end, slot) for tokens with an adapter, and the seg_* tensors hold the
+    same for kernels (SGMV: one program per segment and tile). Tokens with slot -1 use no adapter.
+    """
+
+    token_indices: torch.Tensor  # [T] slot of every token, -1 for none
+    segments: list[tuple[int, int, int]]
+    seg_starts: torch.Tensor  # [S]
+    seg_lens: torch.Tensor  # [S]
+    seg_slots: torch.Tensor  # [S]
+    max_seg_len: int
+
+    @classmethod
+    def from_token_slots(cls, slots: list[int], lens: list[int], device: torch.device) -> LoRAMetadata:
+        """Build from each sequence's slot and token count (sequences in batch order)."""
+        segments: list[tuple[int, int, int]] = []
+        pos = 0
+        for slot, n in zip(slots, lens):
+            if slot >= 0:
+                if segments and segments[-1][2] == slot and segments[-1][1] == pos:
+                    segments[-1] = (segments[-1][0], pos + n, slot)
+                else:
+                    segments.append((pos, pos + n, slot))
+            pos += n
+        token_indices = torch.repeat_interleave(torch.tensor(slots, dtype=torch.long), torch.tensor(lens))
+        starts = torch.tensor([s for s, _, _ in segments], dtype=torch.int32)
+        seg_lens = torch.tensor([e - s for s, e, _ in segments], dtype=torch.int32)
+        seg_slots = torch.tensor([slot for _, _, slot in segments], dtype=torch.int32)
+        return cls(
+            token_indices.to(device),
+            segments,
+            starts.to(device),
+            seg_lens.to(device),
+            seg_slots.to(device),
+            max((e - s for s, e, _ in segments), default=0),
+        )

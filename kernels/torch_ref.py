@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, LoRAMetadata
 
 
 def write_kv(
@@ -146,3 +146,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x holds [gate | up] on its last dimension; returns silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# ---- LoRA (grouped by adapter: one matmul per run of tokens sharing a slot, no per-token loop) --
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMetadata) -> torch.Tensor:
+    """s[t] = x[t] @ lora_a[slot(t)].T; x [T, in], lora_a [slots, R, in] -> s [T, R] (zero without adapter)."""
+    out = x.new_zeros(x.shape[0], lora_a.shape[1])
+    for start, end, slot in meta.segments:
+        torch.mm(x[start:end], lora_a[slot].t(), out=out[start:end])
+    return out
+
+
+def lora_expand(y: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, meta: LoRAMetadata) -> None:
+    """y[t] += s[t] @ lora_b[slot(t)].T in place; y [T, out] (may be a column slice), lora_b [slots, out, R]."""
+    for start, end, slot in meta.segments:
+        y[start:end].addmm_(s[start:end], lora_b[slot].t())
+
+
+def lora_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, token_indices: torch.Tensor):
+    """The plainest form, token by token: delta[t] = x[t] @ A[slot].T @ B[slot].T (for tests)."""
+    delta = x.new_zeros(x.shape[0], lora_b.shape[1])
+    for t, slot in enumerate(token_indices.tolist()):
+        if slot >= 0:
+            delta[t] = x[t] @ lora_a[slot].t() @ lora_b[slot].t()
+    return delta

@@ -6,6 +6,7 @@ import logging
 import os
 
 from kvloom.engine.arg_utils import EngineArgs
+from kvloom.engine.lora.request import LoRARequest
 from kvloom.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from kvloom.engine.sampling_params import RequestOutputKind, SamplingParams
 from kvloom.llm import LLM
@@ -22,6 +23,7 @@ __all__ = [
     "EngineArgs",
     "LLMEngine",
     "Logprob",
+    "LoRARequest",
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",

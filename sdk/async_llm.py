@@ -164,6 +164,23 @@ class AsyncLLM:
     def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
         return self.engine.apply_chat_template(messages, **kwargs)
 
+    # The adapter registry is thread-safe; registering never waits for a step.
+    def add_lora(self, lora_request) -> bool:
+        return self.engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.engine.remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self.engine.list_loras()
+
+    def get_lora_request(self, name: str):
+        return self.engine.get_lora_request(name)
+
+    def list_lora_requests(self) -> list:
+        """The adapters registered by name (what a server lists as models)."""
+        return self.engine.lora_manager.registered() if self.engine.lora_manager is not None else []
+
     def get_metrics(self) -> dict:
         """The engine's counters and gauges (read while it runs; each value is current to a step)."""
         return self.engine.get_metrics()

@@ -34,6 +34,7 @@ def _serve(args: argparse.Namespace) -> None:
     from kvloom.async_llm import AsyncLLM
     from kvloom.engine.arg_utils import EngineArgs
     from kvloom.integrations.openai.server import start_server
+    from kvloom.serving import _env_flag, lora_requests
 
     engine_args = EngineArgs(
         model=args.model,
@@ -44,15 +45,26 @@ def _serve(args: argparse.Namespace) -> None:
         enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         seed=args.seed,
-        enable_lora=args.enable_lora,
+        enable_lora=args.enable_lora or bool(args.lora_modules),
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
     )
-    if args.enable_lora or args.lora_modules:
-        raise ValueError("LoRA adapters are not available yet in this engine")
+    loras = lora_requests(args.lora_modules)
     client = AsyncLLM(engine_args)
     api_key = args.api_key or os.environ.get("KVLOOM_API_KEY")
-    handle = start_server(client, args.host, args.port, api_key, args.served_model_name, args.allowed_origins or None)
+    handle = start_server(
+        client,
+        args.host,
+        args.port,
+        api_key,
+        args.served_model_name,
+        args.allowed_origins or None,
+        loras,
+        args.allow_runtime_lora_updating or _env_flag("KVLOOM_ALLOW_RUNTIME_LORA_UPDATING"),
+    )
+    for lora in loras:
+        print(f"kvloom: LoRA adapter {lora.lora_name!r} (id {lora.lora_int_id}) from {lora.lora_path}", flush=True)
     print(f"kvloom: serving {client.model_name} at {handle.base_url}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -90,10 +102,21 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (or KVLOOM_API_KEY)")
     srv.add_argument("--served-model-name", nargs="+", default=None)
     srv.add_argument("--allowed-origins", nargs="*", default=[], help="enable CORS for these origins")
-    srv.add_argument("--lora-modules", nargs="*", default=[])
+    srv.add_argument(
+        "--lora-modules",
+        nargs="*",
+        default=[],
+        help='adapters as name=path or JSON {"name", "path"}; a request\'s model selects one (enables LoRA)',
+    )
     srv.add_argument("--enable-lora", action="store_true")
-    srv.add_argument("--max-loras", type=int, default=1)
+    srv.add_argument("--max-loras", type=int, default=1, help="adapters in one batch (slots)")
     srv.add_argument("--max-lora-rank", type=int, default=16)
+    srv.add_argument("--max-cpu-loras", type=int, default=None, help="adapters kept in host memory (LRU)")
+    srv.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (or KVLOOM_ALLOW_RUNTIME_LORA_UPDATING=1)",
+    )
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--max-num-seqs", type=int, default=256)
     srv.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -103,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--seed", type=int, default=0)
     srv.set_defaults(func=_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks: throughput, prefix, serve")
-    bench.add_argument("which", choices=["throughput", "prefix", "serve"])
+    bench = sub.add_parser("bench", help="benchmarks: throughput, prefix, serve, lora")
+    bench.add_argument("which", choices=["throughput", "prefix", "serve", "lora"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)

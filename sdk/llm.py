@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import queue
 import warnings
 from collections.abc import Sequence
 
@@ -127,21 +128,46 @@ class LLM:
         loras = lora_request if isinstance(lora_request, list) else [lora_request] * n
         if len(loras) != n:
             raise ValueError(f"got {len(loras)} LoRA requests for {n} prompts")
+        # Only final outputs are collected, so skip building per-step ones.
+        params = [
+            p if p.output_kind == RequestOutputKind.FINAL_ONLY else p.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+            for p in params
+        ]
+        if self._client is not None:
+            return self._run_client(prompts, params, loras, use_tqdm)
         engine = self.llm_engine
         ids = []
         try:
             for prompt, p, lora in zip(prompts, params, loras):
-                # Only final outputs are collected, so skip building per-step ones.
-                p = (
-                    p
-                    if p.output_kind == RequestOutputKind.FINAL_ONLY
-                    else p.clone(output_kind=RequestOutputKind.FINAL_ONLY)
-                )
                 ids.append(engine.add_request(f"llm-{next(self._counter)}", prompt, p, lora_request=lora))
         except Exception:
             engine.abort_request(ids)
             raise
         return self._run_engine(ids, use_tqdm)
+
+    def _run_client(self, prompts: list, params: list, loras: list, use_tqdm: bool) -> list[RequestOutput]:
+        """Once an engine client owns the step loop, submit through it and wait for the final outputs."""
+        client = self._client
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        ids: list[str] = []
+        try:
+            for prompt, p, lora in zip(prompts, params, loras):
+                rid = f"llm-{next(self._counter)}"
+                ids.append(client.submit(prompt, p, rid, lora, lambda item, rid=rid: done.put((rid, item))))
+            results: dict[str, RequestOutput] = {}
+            with tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm) as bar:
+                while len(results) < len(ids):
+                    rid, item = done.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finished:
+                        results[rid] = item
+                        bar.update(1)
+        except BaseException:
+            for rid in ids:
+                client.abort(rid)
+            raise
+        return [results[i] for i in ids]
 
     def _run_engine(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
@@ -168,6 +194,17 @@ class LLM:
 
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.reset_prefix_cache()
+
+    # ---- LoRA adapters (engine created with enable_lora=True) --------------------------------
+    def add_lora(self, lora_request) -> bool:
+        """Register an adapter by name (then `lora_request="name"` selects it) and load it now."""
+        return self.llm_engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.llm_engine.remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self.llm_engine.list_loras()
 
     def get_metrics(self) -> dict:
         return self.llm_engine.get_metrics()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from kvloom.async_llm import AsyncLLM
+from kvloom.engine.lora.request import LoRARequest
 from kvloom.llm import LLM
 
 
@@ -26,16 +28,60 @@ def serve(
     api_key: str | None = None,
     served_model_name: str | list[str] | None = None,
     allowed_origins: list[str] | None = None,
+    lora_modules: dict[str, str] | list | None = None,
+    allow_runtime_lora_updating: bool = False,
     **engine_args,
 ):
     """Start the server on a background thread of this process; returns a handle with base_url and stop().
 
     The endpoint runs on the same engine (weights and KV cache) as the rest of the application.
     Binds 127.0.0.1 unless told otherwise; api_key (or KVLOOM_API_KEY) guards /v1/*.
+    lora_modules ({name: path} or LoRARequests) registers adapters that requests select by model
+    name; adapters already registered on the engine are served too.
     """
     from kvloom.integrations.openai.server import start_server
 
     client = as_engine_client(llm_or_engine_or_model, **engine_args)
     return start_server(
-        client, host, port, api_key or os.environ.get("KVLOOM_API_KEY"), served_model_name, allowed_origins
+        client,
+        host,
+        port,
+        api_key or os.environ.get("KVLOOM_API_KEY"),
+        served_model_name,
+        allowed_origins,
+        lora_requests(lora_modules, client.list_loras()),
+        allow_runtime_lora_updating or _env_flag("KVLOOM_ALLOW_RUNTIME_LORA_UPDATING"),
     )
+
+
+def lora_requests(modules, taken_ids=()) -> list[LoRARequest]:
+    """LoRARequests from {name: path}, "name=path" strings, vLLM's JSON form, or LoRARequests.
+
+    New adapters get ids after the largest id in taken_ids.
+    """
+    if not modules:
+        return []
+    if isinstance(modules, dict):
+        modules = [f"{name}={path}" for name, path in modules.items()]
+    next_id = max(taken_ids, default=0) + 1
+    out: list[LoRARequest] = []
+    for m in modules:
+        if isinstance(m, LoRARequest):
+            out.append(m)
+            continue
+        m = str(m).strip()
+        if m.startswith("{"):
+            spec = json.loads(m)
+            name, path, base = spec["name"], spec["path"], spec.get("base_model_name")
+        elif "=" in m:
+            name, path = m.split("=", 1)
+            base = None
+        else:
+            raise ValueError(f"a LoRA module must be name=path or a JSON object, got {m!r}")
+        out.append(LoRARequest(name, next_id, path, base_model_name=base))
+        next_id += 1
+    return out
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -8,6 +8,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("KVLOOM_CONFIGURE_LOGGING", "0")
+# Triton kernels run on CPUs only through its interpreter, which must be chosen before import.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvloom_testing import build_tiny_model  # noqa: E402
 

@@ -80,3 +80,61 @@ def assert_all_blocks_free(engine) -> None:
     assert not kv.req_blocks, f"blocks still held by {list(kv.req_blocks)}"
     assert kv.num_free_blocks == kv.pool.num_usable_blocks
     assert all(b.ref_cnt == 0 for b in kv.pool.blocks[1:])
+
+
+def build_peft_adapter(
+    base_dir: str,
+    out_dir: str,
+    r: int = 8,
+    alpha: int = 16,
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    seed: int = 0,
+    use_rslora: bool = False,
+    scale: float = 1.0,
+) -> str:
+    """A real PEFT LoRA adapter over base_dir with random, non-zero A and B, saved with save_pretrained."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(targets), use_rslora=use_rslora, init_lora_weights=False
+    )
+    model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale / p.shape[-1] ** 0.5)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def peft_greedy(base_dir: str, adapter_dir: str | None, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation of prompt by transformers (+ the PEFT adapter), float32, EOS ignored."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def assert_no_lora_pins(engine) -> None:
+    """No finished request still pins an adapter."""
+    if engine.lora_manager is not None:
+        assert engine.lora_manager.num_pinned == 0, engine.lora_manager._pins

@@ -1,7 +1,10 @@
 """Linear layers that know how they are split across tensor-parallel ranks.
 
 Each parameter carries a `weight_loader(param, loaded, shard_id)` that copies this rank's slice
-of a checkpoint tensor, so the model files stay plain descriptions of the network.
+of a checkpoint tensor, so the model files stay plain descriptions of the network. The same slicing
+serves LoRA weights: `output_slices()` names the sub-projections of a fused layer, `shard_rows()`
+cuts a tensor's output rows for this rank, `shard_cols()` its input columns. A layer with `lora`
+set adds the batched per-token LoRA delta after its matmul (see kvloom.engine.lora.layers).
 """
 
 from __future__ import annotations
@@ -23,9 +26,26 @@ class _Linear(nn.Module):
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
+        self.lora = None  # a LinearLoRA once the engine enables LoRA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            self.lora.apply(x, y)
+        return y
+
+    # ---- this rank's slices (checkpoint weights and LoRA weights alike) ----------------------
+    def output_slices(self) -> list[tuple[object, int, int]]:
+        """(shard id, offset, size) of each sub-projection in this rank's output features."""
+        return [(None, 0, self.weight.shape[0])]
+
+    def shard_rows(self, t: torch.Tensor, shard_id: object = None) -> torch.Tensor:
+        """This rank's output rows of a full tensor for sub-projection shard_id."""
+        return t
+
+    def shard_cols(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's input columns of a full [*, in_features] tensor."""
+        return t
 
     @staticmethod
     def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
@@ -40,9 +60,12 @@ class ColumnParallelLinear(_Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPContext = SINGLE):
         super().__init__(in_features, tp.shard(out_features, "output features"), bias, tp)
 
+    def shard_rows(self, t: torch.Tensor, shard_id: object = None) -> torch.Tensor:
+        size = self.weight.shape[0]
+        return t.narrow(0, self.tp.rank * size, size)
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        size = param.shape[0]
-        self._copy(param.data, loaded.narrow(0, self.tp.rank * size, size), "column-parallel weight")
+        self._copy(param.data, self.shard_rows(loaded), "column-parallel weight")
 
 
 class MergedColumnParallelLinear(_Linear):
@@ -52,12 +75,16 @@ class MergedColumnParallelLinear(_Linear):
         self.out_sizes = [tp.shard(n, "output features") for n in out_sizes]
         super().__init__(in_features, sum(self.out_sizes), bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+    def output_slices(self) -> list[tuple[object, int, int]]:
+        return [(i, sum(self.out_sizes[:i]), size) for i, size in enumerate(self.out_sizes)]
+
+    def shard_rows(self, t: torch.Tensor, shard_id: object = 0) -> torch.Tensor:
         size = self.out_sizes[shard_id]
-        offset = sum(self.out_sizes[:shard_id])
-        self._copy(
-            param.data.narrow(0, offset, size), loaded.narrow(0, self.tp.rank * size, size), f"merged shard {shard_id}"
-        )
+        return t.narrow(0, self.tp.rank * size, size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int = 0) -> None:
+        _, offset, size = self.output_slices()[shard_id]
+        self._copy(param.data.narrow(0, offset, size), self.shard_rows(loaded, shard_id), f"merged shard {shard_id}")
 
 
 class QKVParallelLinear(_Linear):
@@ -80,15 +107,22 @@ class QKVParallelLinear(_Linear):
         self.kv_size = self.num_kv_heads * head_size
         super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q") -> None:
+    def output_slices(self) -> list[tuple[object, int, int]]:
+        return [
+            ("q", 0, self.q_size),
+            ("k", self.q_size, self.kv_size),
+            ("v", self.q_size + self.kv_size, self.kv_size),
+        ]
+
+    def shard_rows(self, t: torch.Tensor, shard_id: object = "q") -> torch.Tensor:
         if shard_id == "q":
-            offset, size, rank = 0, self.q_size, self.tp.rank
-        else:
-            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
-            size = self.kv_size
-            replicas = max(1, self.tp.size // (loaded.shape[0] // self.head_size))
-            rank = self.tp.rank // replicas
-        self._copy(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size), f"{shard_id}_proj")
+            return t.narrow(0, self.tp.rank * self.q_size, self.q_size)
+        replicas = max(1, self.tp.size // (t.shape[0] // self.head_size))
+        return t.narrow(0, (self.tp.rank // replicas) * self.kv_size, self.kv_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str = "q") -> None:
+        _, offset, size = next(s for s in self.output_slices() if s[0] == shard_id)
+        self._copy(param.data.narrow(0, offset, size), self.shard_rows(loaded, shard_id), f"{shard_id}_proj")
 
 
 class RowParallelLinear(_Linear):
@@ -100,12 +134,18 @@ class RowParallelLinear(_Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         y = self.tp.all_reduce(y)
+        if self.lora is not None:
+            # Shrink on this rank's input columns, sum the partial [T, r] over ranks, then expand.
+            self.lora.apply(x, y, reduce=self.tp.all_reduce)
         # The bias is added once, after the sum.
         return y + self.bias if self.bias is not None else y
+
+    def shard_cols(self, t: torch.Tensor) -> torch.Tensor:
+        size = self.weight.shape[1]
+        return t.narrow(1, self.tp.rank * size, size)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 1:
             self._copy(param.data, loaded, "row-parallel bias")
             return
-        size = param.shape[1]
-        self._copy(param.data, loaded.narrow(1, self.tp.rank * size, size), "row-parallel weight")
+        self._copy(param.data, self.shard_cols(loaded), "row-parallel weight")

@@ -122,6 +122,29 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
+    # ---- LoRA --------------------------------------------------------------------------------
+    def lora_targets(self) -> Iterable[tuple[int, nn.Module, list[str]]]:
+        """(layer index, linear layer, the PEFT module name of each of its output slices)."""
+        for i, layer in enumerate(self.layers):
+            yield i, layer.self_attn.qkv_proj, ["q_proj", "k_proj", "v_proj"]
+            yield i, layer.self_attn.o_proj, ["o_proj"]
+            yield i, layer.mlp.gate_up_proj, ["gate_proj", "up_proj"]
+            yield i, layer.mlp.down_proj, ["down_proj"]
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """Full (unsharded) (in_features, out_features) of every projection an adapter may target."""
+        c = self.cfg
+        q, kv = c.num_heads * c.head_size, c.num_kv_heads * c.head_size
+        return {
+            "q_proj": (c.hidden_size, q),
+            "k_proj": (c.hidden_size, kv),
+            "v_proj": (c.hidden_size, kv),
+            "o_proj": (q, c.hidden_size),
+            "gate_proj": (c.hidden_size, c.intermediate_size),
+            "up_proj": (c.hidden_size, c.intermediate_size),
+            "down_proj": (c.intermediate_size, c.hidden_size),
+        }
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_weight).float()
 

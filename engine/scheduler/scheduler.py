@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kvloom.engine.config import SchedulerConfig
 from kvloom.engine.kv_cache.manager import KVCacheManager
@@ -23,11 +23,22 @@ class Scheduler:
     requests join while the token budget, max_num_seqs and free blocks allow. When a running request
     cannot get a block, the most recently admitted running request is preempted: its blocks are
     freed and it goes back to the front of the waiting queue, to be recomputed later.
+
+    With LoRA, at most `max_loras` distinct adapters run at once: a waiting request whose adapter
+    would need another slot stays in the queue (in its place) while requests behind it whose
+    adapters are already running, or that use none, may start.
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        on_release: Callable[[int], None] | None = None,
+    ) -> None:
         self.config = config
         self.kv = kv_cache_manager
+        # Called with the adapter id of every request that ends (LoRA pin counting).
+        self.on_release = on_release
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -67,6 +78,8 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         self.kv.free(req)
         del self.requests[req.request_id]
+        if req.lora_id and self.on_release is not None:
+            self.on_release(req.lora_id)
         if req.request_id in self._started_req_ids:
             self._started_req_ids.discard(req.request_id)
             self._finished_req_ids.add(req.request_id)
@@ -102,10 +115,16 @@ class Scheduler:
             budget -= num_new
             i += 1
 
+        max_loras = self.config.max_loras
+        loras = {r.lora_id for r in self.running if r.lora_id}
+        skipped: list[Request] = []
         while (
             self.waiting and budget > 0 and not out.preempted_req_ids and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
+            if max_loras and req.lora_id and req.lora_id not in loras and len(loras) >= max_loras:
+                skipped.append(self.waiting.popleft())
+                continue
             computed_blocks, num_computed = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_computed
             if num_new > budget:
@@ -121,6 +140,8 @@ class Scheduler:
             req.num_computed_tokens = num_computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if req.lora_id:
+                loras.add(req.lora_id)
             if req.request_id not in self._started_req_ids:
                 self._started_req_ids.add(req.request_id)
                 out.new_requests.append(
@@ -128,6 +149,7 @@ class Scheduler:
                 )
             self._add_seq(out, req, num_new)
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out

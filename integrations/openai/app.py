@@ -13,13 +13,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kvloom
-from kvloom import AsyncLLM, RequestOutput, SamplingParams
+from kvloom import AsyncLLM, LoRARequest, RequestOutput, SamplingParams
 from kvloom.integrations.openai.metrics import ServerMetrics
 from kvloom.integrations.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
     error_body,
     new_id,
     now,
@@ -40,13 +42,23 @@ def build_app(
     served_model_names: list[str] | None = None,
     api_key: str | None = None,
     allowed_origins: list[str] | None = None,
+    lora_modules: list[LoRARequest] | None = None,
+    allow_runtime_lora_updating: bool = False,
 ) -> FastAPI:
-    """A FastAPI app serving /v1/completions, /v1/chat/completions and the vLLM side endpoints."""
+    """A FastAPI app serving /v1/completions, /v1/chat/completions and the vLLM side endpoints.
+
+    Every adapter in lora_modules is registered on the engine; a request's `model` may name any
+    adapter registered there (by this app, another adapter, or the application), which selects it
+    for that request. With allow_runtime_lora_updating, /v1/load_lora_adapter and
+    /v1/unload_lora_adapter add and remove adapters while serving.
+    """
     app = FastAPI(title="kvloom", version=kvloom.__version__)
     names = served_model_names or [client.model_name]
     metrics = ServerMetrics(client, names[0])
     tokenizer = client.get_tokenizer()
     created = now()
+    for lora in lora_modules or []:
+        client.add_lora(lora)
 
     if allowed_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -78,9 +90,21 @@ def build_app(
             exc.status_code,
         )
 
+    @app.exception_handler(ValueError)
+    async def on_value_error(_: Request, exc: ValueError):
+        # Raised when the engine refuses a request (e.g. an adapter that cannot be loaded).
+        return JSONResponse(error_body(str(exc), 400, "BadRequestError"), 400)
+
     def check_model(name: str | None) -> str:
+        return resolve_model(name)[0]
+
+    def resolve_model(name: str | None) -> tuple[str, LoRARequest | None]:
+        """The model name to report and the adapter it selects (None for the base model)."""
         if name is None or name in names:
-            return names[0]
+            return names[0], None
+        lora = client.get_lora_request(name)
+        if lora is not None:
+            return name, lora
         raise APIError(f"The model `{name}` does not exist.", 404, "NotFoundError", "model")
 
     def check_length(prompt_len: int, max_tokens: int | None) -> int:
@@ -128,7 +152,44 @@ def build_app(
             }
             for n in names
         ]
+        cards += [
+            {
+                "id": lora.lora_name,
+                "object": "model",
+                "created": created,
+                "owned_by": "kvloom",
+                "root": lora.lora_path,
+                "parent": names[0],
+                "max_model_len": client.max_model_len,
+                "permission": [],
+            }
+            for lora in client.list_lora_requests()
+        ]
         return {"object": "list", "data": cards}
+
+    if allow_runtime_lora_updating:
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+            if client.get_lora_request(body.lora_name) is not None:
+                raise APIError(f"The lora adapter '{body.lora_name}' has already been loaded.", param="lora_name")
+            lora_id = max(client.list_loras(), default=0) + 1
+            try:
+                # Loading reads files; keep it off the event loop.
+                await asyncio.to_thread(client.add_lora, LoRARequest(body.lora_name, lora_id, body.lora_path))
+            except ValueError as e:
+                raise APIError(str(e), param="lora_path") from None
+            return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+            lora = client.get_lora_request(body.lora_name)
+            if lora is None:
+                raise APIError(
+                    f"The lora adapter '{body.lora_name}' cannot be found.", 404, "NotFoundError", "lora_name"
+                )
+            client.remove_lora(lora.lora_int_id)
+            return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -158,7 +219,7 @@ def build_app(
     # ---- completions -------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
-        model = check_model(body.model)
+        model, lora = resolve_model(body.model)
         prompts = _prompt_list(body.prompt)
         if not prompts:
             raise APIError("prompt must not be empty", param="prompt")
@@ -170,7 +231,10 @@ def build_app(
             raise APIError("logprobs must be between 0 and 20", param="logprobs")
         params = [make_params(body, m, body.logprobs) for m in max_tokens]
         rid = new_id("cmpl")
-        streams = [client.generate(ids, p, f"{rid}-{i}") for i, ((_, ids), p) in enumerate(zip(encoded, params))]
+        streams = [
+            client.generate(ids, p, f"{rid}-{i}", lora_request=lora)
+            for i, ((_, ids), p) in enumerate(zip(encoded, params))
+        ]
         if body.stream:
             return _sse(_completion_chunks(body, model, rid, encoded, streams, metrics), raw)
         finals = await _run_until_disconnected(_collect(streams, metrics), raw)
@@ -202,7 +266,7 @@ def build_app(
     # ---- chat --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
-        model = check_model(body.model)
+        model, lora = resolve_model(body.model)
         try:
             ids = client.apply_chat_template(
                 body.message_dicts(),
@@ -220,7 +284,7 @@ def build_app(
             raise APIError("top_logprobs must be between 0 and 20", param="top_logprobs")
         params = make_params(body, max_tokens, (top or 0) if body.logprobs else None)
         rid = new_id("chatcmpl")
-        stream = client.generate(ids, params, rid)
+        stream = client.generate(ids, params, rid, lora_request=lora)
         if body.stream:
             return _sse(_chat_chunks(body, model, rid, len(ids), stream, metrics), raw)
         (final,) = await _run_until_disconnected(_collect([stream], metrics), raw)

@@ -40,10 +40,19 @@ def start_server(
     api_key: str | None = None,
     served_model_name: str | list[str] | None = None,
     allowed_origins: list[str] | None = None,
+    lora_modules: list | None = None,
+    allow_runtime_lora_updating: bool = False,
 ) -> ServerHandle:
     """Serve `client` on a background thread; port 0 picks a free port. Returns once it accepts."""
     names = [served_model_name] if isinstance(served_model_name, str) else served_model_name
-    app = build_app(client, names, api_key=api_key, allowed_origins=allowed_origins)
+    app = build_app(
+        client,
+        names,
+        api_key=api_key,
+        allowed_origins=allowed_origins,
+        lora_modules=lora_modules,
+        allow_runtime_lora_updating=allow_runtime_lora_updating,
+    )
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     started = threading.Event()
