@@ -24,6 +24,11 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor | None  # [num_prefills, max_blocks]
 
 
+# Segments up to this many tokens are computed together as one padded batched matmul; longer ones
+# (prefill chunks) one matmul each, where padding would waste more than the per-call overhead saves.
+PAD_MAX_TOKENS = 64
+
+
 @dataclass
 class LoRAMetadata:
     """Which adapter slot each token uses, as per-token indices and as runs of equal slots.
@@ -31,6 +36,8 @@ class LoRAMetadata:
     The model runner orders sequences so that tokens of one adapter are contiguous; `segments`
     lists those runs (start, end, slot) for tokens with an adapter, and the seg_* tensors hold the
     same for kernels (SGMV: one program per segment and tile). Tokens with slot -1 use no adapter.
+    For the torch path, short segments are also laid out as a padded [S, L] grid of token indices
+    (`pad_*`), so that all of them take one batched matmul; `long_segments` are the rest.
     """
 
     token_indices: torch.Tensor  # [T] slot of every token, -1 for none
@@ -39,6 +46,11 @@ class LoRAMetadata:
     seg_lens: torch.Tensor  # [S]
     seg_slots: torch.Tensor  # [S]
     max_seg_len: int
+    long_segments: list[tuple[int, int, int]]
+    pad_index: torch.Tensor | None = None  # [S_short, L] token index (padding repeats a valid token)
+    pad_slots: torch.Tensor | None = None  # [S_short] slot of each short segment
+    pad_valid: torch.Tensor | None = None  # positions of real tokens in the flattened grid
+    pad_rows: torch.Tensor | None = None  # their token indices
 
     @classmethod
     def from_token_slots(cls, slots: list[int], lens: list[int], device: torch.device) -> LoRAMetadata:
@@ -56,11 +68,24 @@ class LoRAMetadata:
         starts = torch.tensor([s for s, _, _ in segments], dtype=torch.int32)
         seg_lens = torch.tensor([e - s for s, e, _ in segments], dtype=torch.int32)
         seg_slots = torch.tensor([slot for _, _, slot in segments], dtype=torch.int32)
-        return cls(
+        short = [seg for seg in segments if seg[1] - seg[0] <= PAD_MAX_TOKENS]
+        meta = cls(
             token_indices.to(device),
             segments,
             starts.to(device),
             seg_lens.to(device),
             seg_slots.to(device),
             max((e - s for s, e, _ in segments), default=0),
+            [seg for seg in segments if seg[1] - seg[0] > PAD_MAX_TOKENS],
         )
+        if short:
+            first = torch.tensor([s for s, _, _ in short])
+            count = torch.tensor([e - s for s, e, _ in short])
+            steps = torch.arange(int(count.max()))
+            grid = first[:, None] + torch.minimum(steps[None, :], count[:, None] - 1)
+            valid = (steps[None, :] < count[:, None]).flatten().nonzero().squeeze(1)
+            meta.pad_index = grid.to(device)
+            meta.pad_slots = torch.tensor([slot for _, _, slot in short]).to(device)
+            meta.pad_valid = valid.to(device)
+            meta.pad_rows = grid.flatten()[valid].to(device)
+        return meta

@@ -148,18 +148,24 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-# ---- LoRA (grouped by adapter: one matmul per run of tokens sharing a slot, no per-token loop) --
+# ---- LoRA (grouped by adapter: batched matmuls over runs of tokens sharing a slot, no per-token loop) --
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMetadata) -> torch.Tensor:
     """s[t] = x[t] @ lora_a[slot(t)].T; x [T, in], lora_a [slots, R, in] -> s [T, R] (zero without adapter)."""
     out = x.new_zeros(x.shape[0], lora_a.shape[1])
-    for start, end, slot in meta.segments:
+    if meta.pad_index is not None:
+        grid = torch.bmm(x[meta.pad_index], lora_a[meta.pad_slots].transpose(1, 2))
+        out[meta.pad_rows] = grid.view(-1, grid.shape[-1])[meta.pad_valid]
+    for start, end, slot in meta.long_segments:
         torch.mm(x[start:end], lora_a[slot].t(), out=out[start:end])
     return out
 
 
 def lora_expand(y: torch.Tensor, s: torch.Tensor, lora_b: torch.Tensor, meta: LoRAMetadata) -> None:
     """y[t] += s[t] @ lora_b[slot(t)].T in place; y [T, out] (may be a column slice), lora_b [slots, out, R]."""
-    for start, end, slot in meta.segments:
+    if meta.pad_index is not None:
+        grid = torch.bmm(s[meta.pad_index], lora_b[meta.pad_slots].transpose(1, 2))
+        y.index_add_(0, meta.pad_rows, grid.view(-1, grid.shape[-1])[meta.pad_valid])
+    for start, end, slot in meta.long_segments:
         y[start:end].addmm_(s[start:end], lora_b[slot].t())
 
 

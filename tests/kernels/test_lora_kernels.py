@@ -30,6 +30,7 @@ CASES = [
     ([-1, 2, 2, 0, -1, 1], [1, 1, 1, 1, 17, 33]),  # decodes grouped by slot, then prefills
     ([3, 3, -1, 1, 1, 1], [5, 1, 2, 40, 1, 7]),  # neighbouring sequences of one slot merge into a segment
     ([-1, -1], [3, 4]),  # nobody uses an adapter
+    ([0, 2, 1, 1, -1, 0], [1, 1, 100, 1, 3, 70]),  # long prefill segments (one matmul each) beside short ones
 ]
 
 
@@ -43,6 +44,10 @@ def test_metadata_segments(slots, lens):
         covered[start:end] = slot
     assert torch.equal(covered, expected)
     assert all(s1[1] < s2[0] or s1[2] != s2[2] for s1, s2 in zip(meta.segments, meta.segments[1:]))
+    # Every token with an adapter is computed once: either in the padded grid or in a long segment.
+    rows = meta.pad_rows.tolist() if meta.pad_rows is not None else []
+    rows += [t for start, end, _ in meta.long_segments for t in range(start, end)]
+    assert sorted(rows) == [t for t, slot in enumerate(expected.tolist()) if slot >= 0]
 
 
 @pytest.mark.parametrize("slots,lens", CASES)
