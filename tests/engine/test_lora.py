@@ -68,6 +68,13 @@ def reference(base_dir, adapter_dir, prompt, n=GREEDY.max_tokens):
     return _REF[key]
 
 
+def check_mixed(llm, base_dir, adapters, lora_reqs, names, batch):
+    """One generate() call with an adapter (or None) per prompt; each output equals transformers + PEFT."""
+    outs = llm.generate(batch, GREEDY, use_tqdm=False, lora_request=[lora_reqs.get(n) for n in names])
+    for prompt, name, out in zip(batch, names, outs):
+        assert out.outputs[0].token_ids == reference(base_dir, adapters.get(name), prompt), name
+
+
 def _check_idle(engine):
     assert_all_blocks_free(engine)
     assert_no_lora_pins(engine)
@@ -88,9 +95,7 @@ def test_each_adapter_matches_peft(llm, tiny_llama, adapters, lora_reqs):
 def test_mixed_batch_gives_each_request_its_own_output(llm, tiny_llama, adapters, lora_reqs):
     names = [None, "all", "qv", "mlp"] * 3
     batch = _prompts([4 + 3 * i for i in range(len(names))], seed=5)
-    outs = llm.generate(batch, GREEDY, use_tqdm=False, lora_request=[lora_reqs.get(n) for n in names])
-    for prompt, name, out in zip(batch, names, outs):
-        assert out.outputs[0].token_ids == reference(tiny_llama, adapters.get(name), prompt), name
+    check_mixed(llm, tiny_llama, adapters, lora_reqs, names, batch)
     _check_idle(llm.llm_engine)
 
 
@@ -99,9 +104,7 @@ def test_mixed_batch_with_chunked_prefill_and_decodes(tiny_llama, adapters, lora
     llm = LLM(tiny_llama, enable_lora=True, max_loras=3, max_num_batched_tokens=24, kv_cache_memory_gb=0.05)
     names = ["mlp", None, "all", "qv", "all", None]
     batch = _prompts([30, 9, 41, 17, 2, 26], seed=7)
-    outs = llm.generate(batch, GREEDY, use_tqdm=False, lora_request=[lora_reqs.get(n) for n in names])
-    for prompt, name, out in zip(batch, names, outs):
-        assert out.outputs[0].token_ids == reference(tiny_llama, adapters.get(name), prompt), name
+    check_mixed(llm, tiny_llama, adapters, lora_reqs, names, batch)
     _check_idle(llm.llm_engine)
 
 
@@ -114,9 +117,7 @@ def test_slot_pressure_completes_every_request(tiny_llama, adapters, lora_reqs):
     engine.lora_manager.activate = lambda ids: (seen.append(set(ids)), activate(ids))[1]
     names = ["all", "qv", None, "mlp", "qv", None, "all", "mlp"]
     batch = _prompts([6 + i for i in range(len(names))], seed=9)
-    outs = llm.generate(batch, GREEDY, use_tqdm=False, lora_request=[lora_reqs.get(n) for n in names])
-    for prompt, name, out in zip(batch, names, outs):
-        assert out.outputs[0].token_ids == reference(tiny_llama, adapters.get(name), prompt), name
+    check_mixed(llm, tiny_llama, adapters, lora_reqs, names, batch)
     assert all(len(ids) <= 1 for ids in seen)
     assert {i for ids in seen for i in ids} == {1, 2, 3}
     _check_idle(engine)

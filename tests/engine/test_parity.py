@@ -5,12 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from kvloom import LLM, SamplingParams
 
-from kvloom_testing import assert_all_blocks_free
+from kvloom_testing import assert_all_blocks_free, peft_greedy
 
 _HF_CACHE: dict = {}
 
@@ -18,17 +16,8 @@ _HF_CACHE: dict = {}
 def hf_greedy(model_dir: str, prompt: list[int], n: int) -> list[int]:
     key = (model_dir, tuple(prompt), n)
     if key not in _HF_CACHE:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         # No EOS: generation runs the full n tokens without masking EOS (as ignore_eos does).
-        model.generation_config.eos_token_id = None
-        out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        _HF_CACHE[key] = out[0, len(prompt) :].tolist()
+        _HF_CACHE[key] = peft_greedy(model_dir, None, prompt, n)
     return _HF_CACHE[key]
 
 
