@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -138,3 +140,63 @@ def assert_no_lora_pins(engine) -> None:
     """No finished request still pins an adapter."""
     if engine.lora_manager is not None:
         assert engine.lora_manager.num_pinned == 0, engine.lora_manager._pins
+
+
+@contextlib.contextmanager
+def record_steps(engine, hold=None):
+    """Record each engine step as {request id: LoRA id} of the requests it computes.
+
+    hold(step_index), if given, runs on the engine thread before each step (a test can pause the
+    engine there). The LLMEngine's scheduler is wrapped for the duration of the block.
+    """
+    steps: list[dict[str, int]] = []
+    lora_ids: dict[str, int] = {}
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        if hold is not None:
+            hold(len(steps))
+        out = schedule()
+        for new in out.new_requests:
+            lora_ids[new.req_id] = new.lora_id
+        if out.seqs:
+            steps.append({s.req_id: lora_ids.get(s.req_id, 0) for s in out.seqs})
+        return out
+
+    engine.scheduler.schedule = recording_schedule
+    try:
+        yield steps
+    finally:
+        del engine.scheduler.schedule
+
+
+def wait_idle(engine, timeout: float = 10.0) -> None:
+    """Wait until the engine behind an AsyncLLM has no request left (aborts are applied by its loop)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.has_unfinished_requests(), "the engine still has requests"
+
+
+def greedy(engine, prompt, lora=None, n: int = 12):
+    """The final RequestOutput of a greedy, EOS-ignoring request made on an AsyncLLM directly."""
+    from kvloom import SamplingParams
+
+    *_, final = engine.stream(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), lora_request=lora)
+    return final
+
+
+def add_test_adapters(engine, base_dir: str, root, seed: int) -> dict[str, str]:
+    """Build two PEFT adapters over base_dir ("sql": rank 8 on every projection, "poet": rank 4 on
+    q/v) under root, register them on the engine as ids 1 and 2, and return their paths."""
+    from kvloom import LoRARequest
+
+    paths = {
+        "sql": build_peft_adapter(base_dir, f"{root}/sql", r=8, seed=seed),
+        "poet": build_peft_adapter(base_dir, f"{root}/poet", r=4, targets=("q_proj", "v_proj"), seed=seed + 1),
+    }
+    for lora_id, (name, path) in enumerate(paths.items(), 1):
+        engine.add_lora(LoRARequest(name, lora_id, path))
+    return paths
