@@ -9,11 +9,10 @@ The scaling (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA) is folded into
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +22,6 @@ from kvloom.engine.lora.request import LoRARequest
 # The projections an adapter may target, by their PEFT/HF module names.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-_uids = itertools.count(1)
 
 
 class LoRALoadError(ValueError):
@@ -40,8 +38,6 @@ class LoRAAdapter:
     rank: int
     scaling: float
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-    # Unique per load, so a device slot can tell a reloaded adapter from the one it holds.
-    uid: int = field(default_factory=lambda: next(_uids))
 
     @property
     def num_bytes(self) -> int:
