@@ -29,6 +29,8 @@ from kvloom.engine.request import Request, RequestStatus
 from kvloom.engine.sampling_params import SamplingParams
 from kvloom.engine.scheduler.scheduler import Scheduler
 from kvloom.engine.stats import EngineStats
+from kvloom.engine.structured_output.manager import StructuredOutputManager
+from kvloom.engine.structured_output.request import StructuredOutputRequest
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +107,17 @@ class LLMEngine:
             args.max_loras if args.enable_lora else 0,
         )
         self.kv_cache_manager = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self._eos_token_id, self._extra_eos = _eos_ids(self.tokenizer, self.arch, self.model_dir)
+        stop_ids = [t for t in (self._eos_token_id, *self._extra_eos) if t is not None]
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, stop_ids)
         self.scheduler = Scheduler(
             self.scheduler_config,
             self.kv_cache_manager,
             self.lora_manager.release if self.lora_manager is not None else None,
+            self.structured_output,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
-        self._eos_token_id, self._extra_eos = _eos_ids(self.tokenizer, self.arch, self.model_dir)
         self._ids = itertools.count()
         self.startup_seconds = time.perf_counter() - t0
 
@@ -247,6 +252,8 @@ class LLMEngine:
             )
         arrival = arrival_time or time.time()
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
+        constraint = params.structured_outputs
+        compiled = self.structured_output.compile(constraint) if constraint is not None else None
         num = params.num_samples
         seqs, requests = [], []
         for i in range(num):
@@ -272,6 +279,7 @@ class LLMEngine:
                     max_tokens,
                     arrival,
                     lora_id=adapter.lora_int_id if adapter is not None else 0,
+                    structured_output=StructuredOutputRequest(constraint, compiled) if compiled is not None else None,
                 )
             )
             detok = None
@@ -333,6 +341,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one engine step and return the outputs it produced."""
         sched_out = self.scheduler.schedule()
+        if sched_out.is_empty and self.scheduler.waiting:
+            # Requests wait only for a grammar still compiling: wait a little for it, don't spin.
+            self.structured_output.wait_for_compiles(timeout=0.02)
         result = self.runner.execute_model(sched_out)
         updated = self.scheduler.update(sched_out, result)
         outputs, stopped = self.output_processor.process(updated, result)

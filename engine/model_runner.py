@@ -117,6 +117,8 @@ class ModelRunner:
         result = ModelRunnerOutput(req_ids=[seqs[i].req_id for i in sampling])
         if sampling:
             logits = self.model.compute_logits(hidden[[last_index[i] for i in sampling]])
+            if out.grammar_bitmask is not None:
+                self._apply_grammar(logits, result.req_ids, out.grammar_bitmask)
             states = [self.states[seqs[i].req_id] for i in sampling]
             tokens, logprobs = self.sampler(logits, states)
             for state, token in zip(states, tokens):
@@ -125,6 +127,12 @@ class ModelRunner:
             result.logprobs = logprobs
         self._prompt_logprobs(seqs, hidden, last_index, result)
         return result
+
+    def _apply_grammar(self, logits: torch.Tensor, req_ids: list[str], grammar) -> None:
+        """Forbid, in the constrained requests' rows, every token their grammar does not allow now."""
+        row_of = {rid: i for i, rid in enumerate(req_ids)}
+        rows = torch.tensor([row_of[rid] for rid in grammar.req_ids], device=logits.device)
+        self.kernels.apply_token_bitmask(logits, grammar.bitmask.to(logits.device), rows)
 
     def _activate_loras(self, seqs: list[ScheduledSeq]) -> dict[int, int]:
         """Slots for the adapters of this step's requests (lora id -> slot); empty without any."""

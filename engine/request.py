@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvloom.engine.sampling_params import SamplingParams
 
@@ -44,6 +45,8 @@ class Request:
     max_tokens: int
     arrival_time: float = field(default_factory=time.time)
     lora_id: int = 0
+    # A StructuredOutputRequest when the output is constrained (its grammar and matcher).
+    structured_output: Any = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

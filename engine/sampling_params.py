@@ -6,6 +6,8 @@ import enum
 import warnings
 from dataclasses import dataclass, field, fields
 
+from kvloom.engine.structured_output.params import GuidedDecodingParams, StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 
@@ -45,6 +47,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Constrained decoding: the output must match a JSON schema, regex, choice list or grammar.
+    structured_outputs: StructuredOutputsParams | None = None
+    # vLLM's older name for structured_outputs; moved there on construction.
+    guided_decoding: GuidedDecodingParams | None = None
     # Legacy fields still sent by wrappers written for older vLLM releases.
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -60,6 +66,7 @@ class SamplingParams:
             self.top_k = 0
         if self.seed is not None:
             self.seed = int(self.seed)
+        self._merge_structured_outputs()
         self._verify()
         self._all_stop_token_ids = set(self.stop_token_ids)
 
@@ -115,6 +122,22 @@ class SamplingParams:
             warnings.warn("length_penalty and early_stopping apply to beam search only and are ignored", stacklevel=3)
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", "must be a RequestOutputKind")
+
+    def _merge_structured_outputs(self) -> None:
+        for name in ("structured_outputs", "guided_decoding"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                cls = StructuredOutputsParams if name == "structured_outputs" else GuidedDecodingParams
+                setattr(self, name, cls.from_dict(value) if cls is StructuredOutputsParams else cls(**value))
+            elif value is not None and not isinstance(value, StructuredOutputsParams):
+                raise TypeError(f"SamplingParams.{name} must be a StructuredOutputsParams, got {type(value).__name__}")
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("set structured_outputs or its older name guided_decoding, not both")
+            guided = self.guided_decoding
+            if isinstance(guided, GuidedDecodingParams):
+                guided = guided.to_structured_outputs()
+            self.structured_outputs, self.guided_decoding = guided, None
 
     def clone(self, **changes) -> SamplingParams:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}

@@ -1,4 +1,4 @@
-"""Attention, cache, norm and LoRA kernels behind one door.
+"""Attention, cache, norm, LoRA and logit-mask kernels behind one door.
 
 Pure torch is the reference and the fallback; C++ kernels serve float32 on CPUs; Triton LoRA
 kernels (SGMV shrink/expand) serve CUDA when Triton is installed.
@@ -33,6 +33,7 @@ class KernelBackend:
     silu_and_mul: Callable[..., torch.Tensor] = torch_ref.silu_and_mul
     lora_shrink: Callable[..., torch.Tensor] = torch_ref.lora_shrink
     lora_expand: Callable[..., None] = torch_ref.lora_expand
+    apply_token_bitmask: Callable[..., None] = torch_ref.apply_token_bitmask
 
 
 TORCH = KernelBackend("torch", torch_ref.write_kv, torch_ref.paged_attention)

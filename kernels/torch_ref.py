@@ -176,3 +176,19 @@ def lora_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
         if slot >= 0:
             delta[t] = x[t] @ lora_a[slot].t() @ lora_b[slot].t()
     return delta
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+    """Set to -inf, in place, the logits of tokens a packed bitmask forbids.
+
+    Row i of `bitmask` (int32, bit j of word w allows token 32 * w + j) applies to logits row
+    rows[i]; tokens past the bitmask (vocabulary padding) are forbidden too.
+    """
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+    vocab = logits.shape[1]
+    if allowed.shape[1] >= vocab:
+        allowed = allowed[:, :vocab]
+    else:
+        allowed = F.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    logits[rows] = logits[rows].masked_fill(~allowed.to(logits.device), float("-inf"))

@@ -209,5 +209,6 @@ class AsyncLLM:
         self._thread.join(timeout=30)
         for deliver in streams.values():
             deliver(EngineDeadError("the engine was shut down while the request ran"))
+        self.engine.structured_output.shutdown()
         self.engine.runner.kv_caches = []
         self.engine.runner.model = None

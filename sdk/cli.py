@@ -62,6 +62,8 @@ def _serve(args: argparse.Namespace) -> None:
         args.allowed_origins or None,
         loras,
         args.allow_runtime_lora_updating or _env_flag("KVLOOM_ALLOW_RUNTIME_LORA_UPDATING"),
+        tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
     )
     for lora in loras:
         print(f"kvloom: LoRA adapter {lora.lora_name!r} (id {lora.lora_int_id}) from {lora.lora_path}", flush=True)
@@ -116,6 +118,17 @@ def main(argv: list[str] | None = None) -> None:
         "--allow-runtime-lora-updating",
         action="store_true",
         help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter (or KVLOOM_ALLOW_RUNTIME_LORA_UPDATING=1)",
+    )
+    srv.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="tool-call format: hermes, llama3_json, mistral or pythonic (default: the chat template's, else hermes)",
+    )
+    srv.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='let the model choose between text and tool calls (tool_choice "auto"); on by default',
     )
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--max-num-seqs", type=int, default=256)

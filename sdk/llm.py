@@ -91,25 +91,41 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
+        tool_choice=None,
+        parallel_tool_calls: bool = True,
     ) -> list[RequestOutput]:
-        """Answer one conversation (a list of messages) or a list of conversations."""
+        """Answer one conversation (a list of messages) or a list of conversations.
+
+        `tools` (OpenAI function tools) go into the chat template, or into the system message when
+        the template ignores them. `tool_choice="required"` or a named function constrains the
+        output to calls whose arguments match the tools' schemas; `kvloom.tool_parsers` reads them.
+        """
+        from kvloom.chat_utils import render_chat
+
         if not messages:
             raise ValueError("messages must be a non-empty list")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
-        engine = self.llm_engine
-        prompts = [
-            {
-                "prompt_token_ids": engine.apply_chat_template(
-                    conv,
-                    add_generation_prompt=add_generation_prompt,
-                    chat_template=chat_template,
-                    continue_final_message=continue_final_message,
-                    **(chat_template_kwargs or {}),
-                )
-            }
+        rendered = [
+            render_chat(
+                self.llm_engine,
+                conv,
+                tools=tools,
+                tool_choice=tool_choice,
+                parallel_tool_calls=parallel_tool_calls,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                chat_template_kwargs=chat_template_kwargs,
+            )
             for conv in conversations
         ]
-        return self._run(prompts, sampling_params, use_tqdm, lora_request)
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(rendered)
+        if len(params) != len(rendered):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(rendered)} conversations")
+        params = [with_chat_constraint(p or SamplingParams(), r) for p, r in zip(params, rendered)]
+        prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in rendered]
+        return self._run(prompts, params, use_tqdm, lora_request)
 
     def _run(self, prompts: list, sampling_params, use_tqdm: bool, lora_request) -> list[RequestOutput]:
         n = len(prompts)
@@ -208,3 +224,20 @@ class LLM:
 
     def get_metrics(self) -> dict:
         return self.llm_engine.get_metrics()
+
+
+def with_chat_constraint(params: SamplingParams, chat) -> SamplingParams:
+    """The request's SamplingParams plus what its tool_choice implies (a ChatPrompt's constraint)."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+    changes = {}
+    if chat.structured_outputs is not None:
+        if params.structured_outputs is not None:
+            raise ValueError(
+                "this tool_choice constrains the output already; structured outputs (response_format, "
+                'guided_*) can be combined with tools only when tool_choice is "none"'
+            )
+        changes["structured_outputs"] = chat.structured_outputs
+    if chat.skip_special_tokens is not None:
+        changes["skip_special_tokens"] = chat.skip_special_tokens
+    return params.clone(**changes) if changes else params

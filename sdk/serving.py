@@ -30,6 +30,8 @@ def serve(
     allowed_origins: list[str] | None = None,
     lora_modules: dict[str, str] | list | None = None,
     allow_runtime_lora_updating: bool = False,
+    tool_call_parser: str | None = None,
+    enable_auto_tool_choice: bool = True,
     **engine_args,
 ):
     """Start the server on a background thread of this process; returns a handle with base_url and stop().
@@ -37,7 +39,8 @@ def serve(
     The endpoint runs on the same engine (weights and KV cache) as the rest of the application.
     Binds 127.0.0.1 unless told otherwise; api_key (or KVLOOM_API_KEY) guards /v1/*.
     lora_modules ({name: path} or LoRARequests) registers adapters that requests select by model
-    name; adapters already registered on the engine are served too.
+    name; adapters already registered on the engine are served too. tool_call_parser names the
+    tool-call format (vLLM's --tool-call-parser; default: the chat template's, else hermes).
     """
     from kvloom.integrations.openai.server import start_server
 
@@ -51,6 +54,8 @@ def serve(
         allowed_origins,
         lora_requests(lora_modules, client.list_loras()),
         allow_runtime_lora_updating or _env_flag("KVLOOM_ALLOW_RUNTIME_LORA_UPDATING"),
+        tool_call_parser=tool_call_parser,
+        enable_auto_tool_choice=enable_auto_tool_choice,
     )
 
 

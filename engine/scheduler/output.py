@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvloom.engine.sampling_params import SamplingParams
 
@@ -39,6 +40,8 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: list[str] = field(default_factory=list)
     num_batched_tokens: int = 0
+    # Allowed tokens of the constrained requests sampled this step (a GrammarBitmask), if any.
+    grammar_bitmask: Any = None
 
     @property
     def is_empty(self) -> bool:

@@ -26,7 +26,12 @@ class Scheduler:
 
     With LoRA, at most `max_loras` distinct adapters run at once: a waiting request whose adapter
     would need another slot stays in the queue (in its place) while requests behind it whose
-    adapters are already running, or that use none, may start.
+    adapters are already running, or that use none, may start. Likewise a request whose grammar is
+    still compiling waits in its place without holding up the others.
+
+    With constrained requests, each step carries the bitmask of allowed tokens for the constrained
+    requests it samples, and `update` advances their grammars, ending a request whose grammar is
+    complete.
     """
 
     def __init__(
@@ -34,11 +39,14 @@ class Scheduler:
         config: SchedulerConfig,
         kv_cache_manager: KVCacheManager,
         on_release: Callable[[int], None] | None = None,
+        structured_output=None,
     ) -> None:
         self.config = config
         self.kv = kv_cache_manager
         # Called with the adapter id of every request that ends (LoRA pin counting).
         self.on_release = on_release
+        # The StructuredOutputManager (bitmasks and grammar advance), when the engine has one.
+        self.structured_output = structured_output
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -125,6 +133,9 @@ class Scheduler:
             if max_loras and req.lora_id and req.lora_id not in loras and len(loras) >= max_loras:
                 skipped.append(self.waiting.popleft())
                 continue
+            if req.structured_output is not None and not req.structured_output.is_ready():
+                skipped.append(self.waiting.popleft())
+                continue
             computed_blocks, num_computed = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_computed
             if num_new > budget:
@@ -152,6 +163,9 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        if self.structured_output is not None:
+            sampled = [self.requests[s.req_id] for s in out.seqs if s.do_sample]
+            out.grammar_bitmask = self.structured_output.grammar_bitmask(sampled)
         return out
 
     def _add_seq(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
@@ -183,7 +197,12 @@ class Scheduler:
             if req is None:
                 continue
             req.append_output_token(token_id)
-            if req.check_stop(max_model_len):
+            grammar_end = None
+            if req.structured_output is not None:
+                grammar_end = self.structured_output.accept(req, token_id)
+            if req.check_stop(max_model_len) or grammar_end is not None:
+                if not req.is_finished:
+                    req.status = grammar_end
                 any_finished = True
                 self._release(req)
             updated.append(req)

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kvloom
 from kvloom import AsyncLLM, LoRARequest, RequestOutput, SamplingParams
+from kvloom.chat_utils import ChatPrompt, render_chat
 from kvloom.integrations.openai.metrics import ServerMetrics
 from kvloom.integrations.openai.protocol import (
     ChatCompletionRequest,
@@ -27,6 +28,8 @@ from kvloom.integrations.openai.protocol import (
     now,
     usage,
 )
+from kvloom.llm import with_chat_constraint
+from kvloom.tool_parsers import ToolParserManager
 
 
 class APIError(Exception):
@@ -44,6 +47,8 @@ def build_app(
     allowed_origins: list[str] | None = None,
     lora_modules: list[LoRARequest] | None = None,
     allow_runtime_lora_updating: bool = False,
+    tool_call_parser: str | None = None,
+    enable_auto_tool_choice: bool = True,
 ) -> FastAPI:
     """A FastAPI app serving /v1/completions, /v1/chat/completions and the vLLM side endpoints.
 
@@ -51,7 +56,12 @@ def build_app(
     adapter registered there (by this app, another adapter, or the application), which selects it
     for that request. With allow_runtime_lora_updating, /v1/load_lora_adapter and
     /v1/unload_lora_adapter add and remove adapters while serving.
+
+    Tool calls are read with `tool_call_parser` (vLLM's parser names; by default the one the model's
+    chat template teaches, else hermes); enable_auto_tool_choice=False refuses tool_choice="auto".
     """
+    if tool_call_parser is not None:
+        ToolParserManager.get_tool_parser(tool_call_parser)  # an unknown name fails at start-up
     app = FastAPI(title="kvloom", version=kvloom.__version__)
     names = served_model_names or [client.model_name]
     metrics = ServerMetrics(client, names[0])
@@ -121,10 +131,36 @@ def build_app(
         return max_tokens if max_tokens is not None else limit - prompt_len
 
     def make_params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        unsupported = body.unsupported_fields()
+        if unsupported:
+            raise APIError(
+                f"unsupported field(s): {', '.join(unsupported)}; kvloom does not implement them",
+                param=unsupported[0],
+            )
+        if getattr(body, "suffix", None) is not None:
+            raise APIError("suffix is not supported (no insertion models are served)", param="suffix")
         try:
             return body.sampling_params(max_tokens, logprobs)
         except ValueError as e:
             raise APIError(str(e)) from None
+
+    def chat_prompt(body, messages: list[dict], add_generation_prompt: bool) -> ChatPrompt:
+        try:
+            return render_chat(
+                client,
+                messages,
+                tools=body.tools,
+                tool_choice=getattr(body, "tool_choice", None),
+                parallel_tool_calls=getattr(body, "parallel_tool_calls", True),
+                tool_call_parser=tool_call_parser,
+                enable_auto_tool_choice=enable_auto_tool_choice,
+                chat_template=body.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+                chat_template_kwargs=body.chat_template_kwargs,
+            )
+        except ValueError as e:
+            raise APIError(str(e), param="messages") from None
 
     # ---- side endpoints ----------------------------------------------------------------------
     @app.get("/health")
@@ -200,9 +236,10 @@ def build_app(
     async def tokenize(body: TokenizeRequest):
         check_model(body.model)
         if body.messages is not None:
-            ids = client.apply_chat_template(
-                [m.model_dump() for m in body.messages], add_generation_prompt=body.add_generation_prompt
+            ids = chat_prompt(
+                body, [m.model_dump(exclude_none=True) for m in body.messages], body.add_generation_prompt
             )
+            ids = ids.prompt_token_ids
         elif body.prompt is not None:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
@@ -267,37 +304,43 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: Request):
         model, lora = resolve_model(body.model)
-        try:
-            ids = client.apply_chat_template(
-                body.message_dicts(),
-                add_generation_prompt=body.add_generation_prompt,
-                continue_final_message=body.continue_final_message,
-                chat_template=body.chat_template,
-                **(body.chat_template_kwargs or {}),
-            )
-        except ValueError as e:
-            raise APIError(str(e), param="messages") from None
+        rendered = chat_prompt(body, body.message_dicts(), body.add_generation_prompt)
+        ids = rendered.prompt_token_ids
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = check_length(len(ids), requested)
         top = body.top_logprobs if body.logprobs else None
         if body.logprobs and top is not None and not 0 <= top <= 20:
             raise APIError("top_logprobs must be between 0 and 20", param="top_logprobs")
         params = make_params(body, max_tokens, (top or 0) if body.logprobs else None)
+        try:
+            params = with_chat_constraint(params, rendered)
+        except ValueError as e:
+            raise APIError(str(e), param="tool_choice") from None
         rid = new_id("chatcmpl")
         stream = client.generate(ids, params, rid, lora_request=lora)
+        named = isinstance(body.tool_choice, dict)
         if body.stream:
-            return _sse(_chat_chunks(body, model, rid, len(ids), stream, metrics), raw)
+            return _sse(_chat_chunks(body, model, rid, len(ids), stream, metrics, rendered.tool_parser, named), raw)
         (final,) = await _run_until_disconnected(_collect([stream], metrics), raw)
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": _chat_logprobs(c, top or 0) if body.logprobs else None,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for c in final.outputs
-        ]
+        choices = []
+        for c in final.outputs:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            finish_reason = c.finish_reason
+            if rendered.tool_parser is not None:
+                extracted = rendered.tool_parser.extract_tool_calls(c.text)
+                message["content"] = extracted.content
+                message["tool_calls"] = [_tool_call(call) for call in extracted.tool_calls]
+                if extracted.tool_calls and finish_reason == "stop" and not named:
+                    finish_reason = "tool_calls"
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": _chat_logprobs(c, top or 0) if body.logprobs else None,
+                    "finish_reason": finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
         completion_tokens = sum(len(c.token_ids) for c in final.outputs)
         return {
             "id": rid,
@@ -437,7 +480,9 @@ async def _completion_chunks(body: CompletionRequest, model: str, rid: str, enco
         }
 
 
-async def _chat_chunks(body: ChatCompletionRequest, model: str, rid: str, prompt_len: int, stream, metrics):
+async def _chat_chunks(
+    body: ChatCompletionRequest, model: str, rid: str, prompt_len: int, stream, metrics, tool_parser, named: bool
+):
     created = now()
     tokens = 0
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
@@ -449,15 +494,31 @@ async def _chat_chunks(body: ChatCompletionRequest, model: str, rid: str, prompt
             ],
         }
     per_choice: dict[int, int] = {}
+    tool_streams: dict[int, Any] = {}
+    has_calls: set[int] = set()
     async for _, out in _merge([stream]):
         for c in out.outputs:
             tokens += len(c.token_ids)
             per_choice[c.index] = per_choice.get(c.index, 0) + len(c.token_ids)
+            delta: dict[str, Any] = {"content": c.text} if c.text else {}
+            finish_reason = c.finish_reason
+            if tool_parser is not None:
+                parser_stream = tool_streams.setdefault(c.index, tool_parser.stream())
+                content, calls = parser_stream.feed(c.text)
+                if finish_reason is not None:
+                    more_content, more_calls = parser_stream.finish()
+                    content, calls = content + more_content, calls + more_calls
+                delta = {"content": content} if content else {}
+                if calls:
+                    delta["tool_calls"] = [_tool_call_delta(d) for d in calls]
+                    has_calls.add(c.index)
+                if finish_reason == "stop" and c.index in has_calls and not named:
+                    finish_reason = "tool_calls"
             choice: dict[str, Any] = {
                 "index": c.index,
-                "delta": {"content": c.text} if c.text else {},
+                "delta": delta,
                 "logprobs": _chat_logprobs(c, body.top_logprobs or 0) if body.logprobs else None,
-                "finish_reason": c.finish_reason,
+                "finish_reason": finish_reason,
             }
             if c.finish_reason is not None:
                 choice["stop_reason"] = c.stop_reason
@@ -468,8 +529,26 @@ async def _chat_chunks(body: ChatCompletionRequest, model: str, rid: str, prompt
         yield {**base, "choices": [], "usage": usage(prompt_len, tokens)}
 
 
+def _tool_call(call) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _tool_call_delta(delta) -> dict:
+    """A streamed tool-call piece: id, type and name on a call's first piece, then argument fragments."""
+    out: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
+    if delta.id is not None:
+        out["id"], out["type"] = delta.id, "function"
+        out["function"]["name"] = delta.name
+    return out
+
+
 def _top(lp: dict, k: int) -> list:
     return sorted(lp.values(), key=lambda v: -v.logprob)[:k]
+
+
+def _finite(logprob: float) -> float:
+    # Tokens a grammar forbids have -inf, which JSON cannot carry; vLLM reports them as -9999.0.
+    return max(logprob, -9999.0)
 
 
 def _completion_logprobs(c, k: int) -> dict:
@@ -479,8 +558,8 @@ def _completion_logprobs(c, k: int) -> dict:
     for tok, lp in zip(c.token_ids, c.logprobs or []):
         text = lp[tok].decoded_token or ""
         tokens.append(text)
-        token_logprobs.append(lp[tok].logprob)
-        top.append({v.decoded_token: v.logprob for v in _top(lp, k)})
+        token_logprobs.append(_finite(lp[tok].logprob))
+        top.append({v.decoded_token: _finite(v.logprob) for v in _top(lp, k)})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
@@ -492,8 +571,10 @@ def _chat_logprobs(c, k: int) -> dict:
     for tok, lp in zip(c.token_ids, c.logprobs or []):
         text = lp[tok].decoded_token or ""
         alts = [
-            {"token": v.decoded_token, "logprob": v.logprob, "bytes": list((v.decoded_token or "").encode())}
+            {"token": v.decoded_token, "logprob": _finite(v.logprob), "bytes": list((v.decoded_token or "").encode())}
             for v in _top(lp, k)
         ]
-        content.append({"token": text, "logprob": lp[tok].logprob, "bytes": list(text.encode()), "top_logprobs": alts})
+        content.append(
+            {"token": text, "logprob": _finite(lp[tok].logprob), "bytes": list(text.encode()), "top_logprobs": alts}
+        )
     return {"content": content}

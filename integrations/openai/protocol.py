@@ -9,11 +9,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvloom import RequestOutputKind, SamplingParams
+from kvloom.engine.structured_output import StructuredOutputsParams
+from kvloom.engine.structured_output.params import check_backend
+
+# OpenAI fields that mean nothing for a local server; real clients send them, so they are accepted.
+MEANINGLESS_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
 
 
 class OpenAIModel(BaseModel):
-    # Unknown fields are accepted (and ignored), as OpenAI-compatible servers do.
+    # Extra fields are kept so that unsupported_fields() can name them in a 400 (never silently ignored).
     model_config = ConfigDict(extra="allow")
+
+    def unsupported_fields(self) -> list[str]:
+        """Fields this server does not implement (unknown names, or known ones it cannot honour)."""
+        return sorted(k for k in (self.model_extra or {}) if k not in MEANINGLESS_FIELDS)
 
 
 class StreamOptions(OpenAIModel):
@@ -44,6 +53,48 @@ class _SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     best_of: int | None = None
+    # Constrained decoding: OpenAI's response_format, vLLM's structured_outputs and older guided_* fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+
+    def output_constraint(self) -> StructuredOutputsParams | None:
+        """The one output constraint this body asks for (ValueError if it asks for several or a bad one)."""
+        guided = {
+            k: v
+            for k, v in {
+                "json": self.guided_json,
+                "regex": self.guided_regex,
+                "choice": self.guided_choice,
+                "grammar": self.guided_grammar,
+            }.items()
+            if v is not None
+        }
+        check_backend(self.guided_decoding_backend)
+        if self.guided_whitespace_pattern is not None:
+            guided["whitespace_pattern"] = self.guided_whitespace_pattern
+        fmt = self.response_format or {"type": "text"}
+        sources = [
+            name
+            for name, given in (
+                ("structured_outputs", self.structured_outputs is not None),
+                ("guided_*", bool(guided)),
+                ("response_format", fmt.get("type") != "text"),
+            )
+            if given
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"give one output constraint, not {' and '.join(sources)}")
+        if self.structured_outputs is not None:
+            return StructuredOutputsParams.from_dict(self.structured_outputs)
+        if guided:
+            return StructuredOutputsParams(**guided)
+        return response_format_constraint(fmt)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams for this body (ValueError names the offending field)."""
@@ -68,6 +119,7 @@ class _SamplingFields(OpenAIModel):
             spaces_between_special_tokens=self.spaces_between_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=self.output_constraint(),
         )
 
 
@@ -83,6 +135,8 @@ class ChatMessage(OpenAIModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -95,15 +149,19 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
     def message_dicts(self) -> list[dict[str, Any]]:
-        out = []
-        for m in self.messages:
-            content = m.content
-            if isinstance(content, list):  # OpenAI content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if p.get("type", "text") == "text")
-            out.append({"role": m.role, "content": content or ""})
-        return out
+        """The messages as plain dicts (kvloom.chat_utils checks and normalizes them)."""
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+    def unsupported_fields(self) -> list[str]:
+        fields = super().unsupported_fields()
+        for i, m in enumerate(self.messages):
+            fields += [f"messages[{i}].{k}" for k in m.unsupported_fields()]
+        return fields
 
 
 class TokenizeRequest(OpenAIModel):
@@ -112,6 +170,10 @@ class TokenizeRequest(OpenAIModel):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(OpenAIModel):
@@ -127,6 +189,41 @@ class LoadLoRAAdapterRequest(OpenAIModel):
 class UnloadLoRAAdapterRequest(OpenAIModel):
     lora_name: str = Field(min_length=1)
     lora_int_id: int | None = None
+
+
+def response_format_constraint(fmt: dict[str, Any]) -> StructuredOutputsParams | None:
+    """OpenAI's response_format (text, json_object, json_schema) and vLLM's structural_tag form."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+        # strict or not, the output is constrained to the schema (a small model needs that most).
+        return StructuredOutputsParams(json=schema)
+    if kind == "structural_tag":
+        if "format" in fmt:
+            return StructuredOutputsParams(structural_tag=fmt)
+        # vLLM's older form: {"structures": [{"begin", "schema", "end"}], "triggers": [...]}
+        tags = [
+            {
+                "type": "tag",
+                "begin": s["begin"],
+                "content": {"type": "json_schema", "json_schema": s["schema"]},
+                "end": s["end"],
+            }
+            for s in fmt.get("structures") or []
+        ]
+        tag = {
+            "type": "structural_tag",
+            "format": {"type": "triggered_tags", "triggers": fmt.get("triggers") or [], "tags": tags},
+        }
+        return StructuredOutputsParams(structural_tag=tag)
+    raise ValueError(f"response_format.type must be text, json_object, json_schema or structural_tag, got {kind!r}")
 
 
 def new_id(prefix: str) -> str:

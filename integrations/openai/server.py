@@ -42,6 +42,8 @@ def start_server(
     allowed_origins: list[str] | None = None,
     lora_modules: list | None = None,
     allow_runtime_lora_updating: bool = False,
+    tool_call_parser: str | None = None,
+    enable_auto_tool_choice: bool = True,
 ) -> ServerHandle:
     """Serve `client` on a background thread; port 0 picks a free port. Returns once it accepts."""
     names = [served_model_name] if isinstance(served_model_name, str) else served_model_name
@@ -52,6 +54,8 @@ def start_server(
         allowed_origins=allowed_origins,
         lora_modules=lora_modules,
         allow_runtime_lora_updating=allow_runtime_lora_updating,
+        tool_call_parser=tool_call_parser,
+        enable_auto_tool_choice=enable_auto_tool_choice,
     )
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
