@@ -238,6 +238,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if params.logit_bias and max(params.logit_bias) >= self.arch.vocab_size:
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size ({self.arch.vocab_size})")
         adapter = self._load_lora(lora_request)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         text, ids = self.process_prompt(prompt)

@@ -57,9 +57,14 @@ class Sampler:
             i for i, s in enumerate(states) if s.min_tokens_blocked and len(s.output_token_ids) < s.params.min_tokens
         ]
         rows_pen = [i for i, s in enumerate(states) if _has_penalty(s.params)]
-        if not rows_min and not rows_pen:
+        rows_bias = [i for i, s in enumerate(states) if s.params.logit_bias]
+        if not rows_min and not rows_pen and not rows_bias:
             return logits
         logits = logits.clone()
+        if rows_bias:
+            biases = [(i, t, b) for i in rows_bias for t, b in states[i].params.logit_bias.items()]
+            rows, tokens, values = (torch.tensor(x) for x in zip(*biases))
+            logits.index_put_((rows, tokens), values.to(logits.dtype), accumulate=True)
         for i in rows_min:
             logits[i, states[i].min_tokens_blocked] = float("-inf")
         if rows_pen:

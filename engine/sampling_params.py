@@ -46,6 +46,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = None
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias, in [-100, 100]).
+    logit_bias: dict[int, float] | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Constrained decoding: the output must match a JSON schema, regex, choice list or grammar.
     structured_outputs: StructuredOutputsParams | None = None
@@ -116,6 +118,15 @@ class SamplingParams:
             raise bad("stop", "must be a string or a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of non-negative token ids")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise bad("logit_bias", "must be a dict of token id -> bias")
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise bad("logit_bias", "must map integer token ids to numbers") from None
+            if any(k < 0 or not -100.0 <= v <= 100.0 for k, v in self.logit_bias.items()):
+                raise bad("logit_bias", "must map token ids >= 0 to biases in [-100, 100]")
         if self.use_beam_search:
             raise ValueError("SamplingParams.use_beam_search=True is not supported; use sampling or greedy decoding")
         if self.length_penalty != 1.0 or self.early_stopping:

@@ -22,3 +22,13 @@ def tiny_llama(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory) -> str:
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen2")), arch="qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_tools(tmp_path_factory) -> str:
+    """A tiny Llama whose tokenizer has <tool_call> and </tool_call> as whole tokens (as Qwen2.5's has)."""
+    return build_tiny_model(
+        str(tmp_path_factory.mktemp("tiny-tools")),
+        extra_tokens=("<tool_call>", "</tool_call>"),
+        max_position_embeddings=2048,
+    )

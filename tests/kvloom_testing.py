@@ -17,8 +17,11 @@ _CORPUS = [
 ] * 20
 
 
-def build_tokenizer(path: str, vocab_size: int = 384):
-    """A byte-level BPE tokenizer trained on a small corpus, saved as HF files."""
+def build_tokenizer(path: str, vocab_size: int = 384, extra_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on a small corpus, saved as HF files.
+
+    extra_tokens are added as whole (non-special) tokens, as Qwen2.5 has <tool_call>.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -35,16 +38,20 @@ def build_tokenizer(path: str, vocab_size: int = 384):
         tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
     fast.chat_template = CHAT_TEMPLATE
+    if extra_tokens:
+        fast.add_tokens(list(extra_tokens))
     fast.save_pretrained(path)
     return fast
 
 
-def build_tiny_model(path: str, arch: str = "llama", seed: int = 0, **overrides) -> str:
+def build_tiny_model(
+    path: str, arch: str = "llama", seed: int = 0, extra_tokens: tuple[str, ...] = (), **overrides
+) -> str:
     """A small random model whose logits are peaked enough for stable greedy comparisons."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    tok = build_tokenizer(path)
+    tok = build_tokenizer(path, extra_tokens=extra_tokens)
     common = dict(
         vocab_size=512,
         hidden_size=64,

@@ -53,6 +53,7 @@ class _SamplingFields(OpenAIModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     best_of: int | None = None
+    logit_bias: dict[str, float] | None = None
     # Constrained decoding: OpenAI's response_format, vLLM's structured_outputs and older guided_* fields.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -120,6 +121,7 @@ class _SamplingFields(OpenAIModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
             structured_outputs=self.output_constraint(),
+            logit_bias=self.logit_bias,
         )
 
 
