@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import queue
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from kvloom import RequestOutput, RequestOutputKind, SamplingParams
+from kvloom.chat_utils import response_format_constraint
 
 # Per-call keyword arguments that become SamplingParams fields (output_kind is the adapter's choice).
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams) if f.init) - {"output_kind"}
@@ -54,6 +56,8 @@ class KvloomParams(BaseModel):
     vllm_kwargs: dict[str, Any] = Field(default_factory=dict)
     lora: Any = None
     """The adapter every request uses unless a call says otherwise: a registered name or a LoRARequest."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds a call may take; a request still running then is aborted and TimeoutError raised."""
     engine: Any = Field(default=None, exclude=True, validation_alias=AliasChoices("engine", "llm", "client"))
 
     _engine_client: Any = PrivateAttr(default=None)
@@ -104,10 +108,16 @@ class KvloomParams(BaseModel):
     ) -> tuple[SamplingParams, Any]:
         """SamplingParams and LoRA for one call: the fields, overridden by the call's stop and kwargs.
 
-        Per-call kwargs are SamplingParams fields (`max_tokens`, `seed`, ...), `max_new_tokens`, and
-        `lora` (or LangChain's `lora_request`); anything else raises TypeError.
+        Per-call kwargs are SamplingParams fields (`max_tokens`, `seed`, ...), `max_new_tokens`,
+        OpenAI's `response_format` (text, json_object, json_schema), and `lora` (or LangChain's
+        `lora_request`); anything else raises TypeError.
         """
         kwargs = dict(kwargs)
+        response_format = kwargs.pop("response_format", None)
+        if response_format is not None:
+            if kwargs.get("structured_outputs") is not None:
+                raise ValueError("give response_format or structured_outputs, not both")
+            kwargs["structured_outputs"] = response_format_constraint(response_format)
         lora = self.lora
         for key in ("lora_request", "lora"):
             if key in kwargs:
@@ -130,7 +140,7 @@ class KvloomParams(BaseModel):
         if unknown:
             raise TypeError(
                 f"unknown generation argument(s) {', '.join(unknown)}; accepted: lora, lora_request, "
-                f"max_new_tokens and the SamplingParams fields ({', '.join(sorted(_SAMPLING_FIELDS))})"
+                f"max_new_tokens, response_format and the SamplingParams fields ({', '.join(sorted(_SAMPLING_FIELDS))})"
             )
         values.update(kwargs)
         if stop is not None:
@@ -150,8 +160,12 @@ class KvloomParams(BaseModel):
                 deliver = lambda item, i=i: done.put((i, item))  # noqa: B023 (i is bound by the default)
                 ids.append(client.submit(prompt, params, self._request_id(prefix), lora, deliver))
             results: dict[int, RequestOutput] = {}
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
             while len(results) < len(ids):
-                i, item = done.get()
+                try:
+                    i, item = done.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    raise TimeoutError(f"the call did not finish within timeout={self.timeout} s") from None
                 if isinstance(item, BaseException):
                     raise item
                 if item.finished:
@@ -172,7 +186,10 @@ class KvloomParams(BaseModel):
 
         tasks = [asyncio.ensure_future(final(p)) for p in prompts]
         try:
-            return list(await asyncio.gather(*tasks))
+            try:
+                return list(await asyncio.wait_for(asyncio.gather(*tasks), self.timeout))
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"the call did not finish within timeout={self.timeout} s") from None
         except BaseException:
             for task in tasks:
                 task.cancel()  # their generators abort the requests
@@ -182,7 +199,7 @@ class KvloomParams(BaseModel):
     def _stream_deltas(self, prompt, params: SamplingParams, lora, prefix: str) -> Iterator[Delta]:
         """The pieces of one request's text as the engine produces them (blocking iterator)."""
         tracker = _DeltaTracker(params)
-        for out in self.engine_client.stream(prompt, tracker.params, self._request_id(prefix), lora):
+        for out in self.engine_client.stream(prompt, tracker.params, self._request_id(prefix), lora, self.timeout):
             delta = tracker.update(out)
             if delta is not None:
                 yield delta
@@ -190,7 +207,8 @@ class KvloomParams(BaseModel):
     async def _astream_deltas(self, prompt, params: SamplingParams, lora, prefix: str) -> AsyncIterator[Delta]:
         """The async form of _stream_deltas."""
         tracker = _DeltaTracker(params)
-        async for out in self.engine_client.generate(prompt, tracker.params, self._request_id(prefix), lora):
+        stream = self.engine_client.generate(prompt, tracker.params, self._request_id(prefix), lora, self.timeout)
+        async for out in stream:
             delta = tracker.update(out)
             if delta is not None:
                 yield delta

@@ -9,17 +9,22 @@ cache), whose batches they join. Each call may pick a LoRA adapter: `invoke(x, l
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+import json
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
+from typing import Any, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
 )
-from langchain_core.language_models import BaseChatModel, BaseLLM
+from langchain_core.language_models import BaseChatModel, BaseLLM, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import (
     ChatGeneration,
     ChatGenerationChunk,
@@ -28,10 +33,16 @@ from langchain_core.outputs import (
     GenerationChunk,
     LLMResult,
 )
-from pydantic import ConfigDict
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from pydantic import BaseModel, ConfigDict
 
 from kvloom import RequestOutput
+from kvloom.chat_utils import ChatPrompt, render_chat
 from kvloom.integrations.common import Delta, KvloomParams, completion_info, template_message, usage
+from kvloom.llm import with_chat_constraint
 
 __all__ = ["VLLM", "ChatVLLM"]
 
@@ -161,7 +172,10 @@ class ChatVLLM(_LangChainParams, BaseChatModel):
     """A LangChain chat model on the shared kvloom engine; prompts are built with the model's chat template.
 
     Returned messages carry `usage_metadata` (input, output and total tokens) and `response_metadata`
-    with `finish_reason` and `model_name`. Text content only: no tool calling or images.
+    with `finish_reason` and `model_name`. `bind_tools` and `with_structured_output` work as on
+    ChatOpenAI: tools go into the chat template (or the system message when it ignores them), tool
+    calls come back as `tool_calls` (`tool_call_chunks` when streaming), and a forced tool choice or
+    a JSON schema is enforced by constrained decoding.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -173,8 +187,89 @@ class ChatVLLM(_LangChainParams, BaseChatModel):
     def _llm_type(self) -> str:
         return "vllm-chat"
 
-    def _prompt(self, messages: list[BaseMessage]) -> list[int]:
-        return self.engine_client.apply_chat_template([_template_message(m) for m in messages])
+    # ---- tools and structured output ---------------------------------------------------------
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: dict | str | bool | None = None,
+        strict: bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Offer tools to the model. tool_choice: a tool name, "auto", "none", "any"/"required"/True, or
+        OpenAI's {"type": "function", "function": {"name": ...}}; forced choices are enforced by the grammar."""
+        formatted = [convert_to_openai_tool(tool, strict=strict) for tool in tools]
+        names = [t["function"]["name"] for t in formatted]
+        if tool_choice is not None and tool_choice is not False:
+            kwargs["tool_choice"] = _tool_choice(tool_choice, names)
+        if parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = parallel_tool_calls
+        return super().bind(tools=formatted, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict | type,
+        *,
+        method: Literal["json_schema", "function_calling", "json_mode"] = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict | BaseModel]:
+        """Answers parsed into `schema` (Pydantic class, TypedDict, or JSON schema), as ChatOpenAI's method.
+
+        json_schema (default) constrains the output to the schema; function_calling forces a call of a
+        tool made from the schema; json_mode constrains the output to a JSON object.
+        """
+        if kwargs:
+            raise ValueError(f"unsupported arguments to with_structured_output: {', '.join(kwargs)}")
+        is_pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        trace = {"kwargs": {"method": method}, "schema": schema}
+        if method == "function_calling":
+            name = convert_to_openai_tool(schema)["function"]["name"]
+            llm = self.bind_tools(
+                [schema], tool_choice=name, strict=strict, parallel_tool_calls=False, ls_structured_output_format=trace
+            )
+            parser: Runnable = (
+                PydanticToolsParser(tools=[schema], first_tool_only=True)
+                if is_pydantic
+                else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
+            )
+        elif method in ("json_schema", "json_mode"):
+            if method == "json_schema":
+                fmt = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "output", "schema": convert_to_json_schema(schema)},
+                }
+            else:
+                fmt = {"type": "json_object"}
+            llm = self.bind(response_format=fmt, ls_structured_output_format=trace)
+            parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
+        else:
+            raise ValueError(f"method must be json_schema, function_calling or json_mode, got {method!r}")
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        fallback = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([fallback], exception_key="parsing_error")
+
+    # ---- generation --------------------------------------------------------------------------
+    def _prompt(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> ChatPrompt:
+        """Render the conversation (and any bound tools, taken out of kwargs) with the chat template."""
+        parallel = kwargs.pop("parallel_tool_calls", None)
+        return render_chat(
+            self.engine_client,
+            [_template_message(m) for m in messages],
+            tools=kwargs.pop("tools", None),
+            tool_choice=kwargs.pop("tool_choice", None),
+            parallel_tool_calls=True if parallel is None else parallel,
+        )
+
+    def _chat_params(self, messages: list[BaseMessage], stop, kwargs: dict[str, Any]):
+        kwargs = dict(kwargs)
+        chat = self._prompt(messages, kwargs)
+        params, lora = self._call_params(stop, kwargs)
+        return chat, with_chat_constraint(params, chat), lora
 
     def _generate(
         self,
@@ -183,7 +278,8 @@ class ChatVLLM(_LangChainParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return self._result(self._outputs([self._prompt(messages)], stop, kwargs)[0])
+        chat, params, lora = self._chat_params(messages, stop, kwargs)
+        return self._result(self._run_batch([chat.prompt_token_ids], params, lora, _PREFIX)[0], chat.tool_parser)
 
     async def _agenerate(
         self,
@@ -192,7 +288,9 @@ class ChatVLLM(_LangChainParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return self._result((await self._aoutputs([self._prompt(messages)], stop, kwargs))[0])
+        chat, params, lora = self._chat_params(messages, stop, kwargs)
+        outputs = await self._arun_batch([chat.prompt_token_ids], params, lora, _PREFIX)
+        return self._result(outputs[0], chat.tool_parser)
 
     def _stream(
         self,
@@ -201,7 +299,13 @@ class ChatVLLM(_LangChainParams, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        yield from self._chunks(self._prompt(messages), stop, run_manager, kwargs)
+        chat, params, lora = self._chat_params(messages, stop, kwargs)
+        reader = _ToolReader(chat.tool_parser)
+        for delta in self._stream_deltas(chat.prompt_token_ids, params, lora, _PREFIX):
+            chunk = self._chunk(delta, reader)
+            if run_manager is not None:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
 
     async def _astream(
         self,
@@ -210,34 +314,96 @@ class ChatVLLM(_LangChainParams, BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        async for chunk in self._achunks(self._prompt(messages), stop, run_manager, kwargs):
+        chat, params, lora = self._chat_params(messages, stop, kwargs)
+        reader = _ToolReader(chat.tool_parser)
+        async for delta in self._astream_deltas(chat.prompt_token_ids, params, lora, _PREFIX):
+            chunk = self._chunk(delta, reader)
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
 
-    def _result(self, out: RequestOutput) -> ChatResult:
+    def _result(self, out: RequestOutput, tool_parser) -> ChatResult:
         model_name = self.engine_client.model_name
         prompt_tokens = len(out.prompt_token_ids)
         generations = []
         for c in out.outputs:
             info = completion_info(c)
+            content, calls, invalid = c.text, [], []
+            if tool_parser is not None:
+                extracted = tool_parser.extract_tool_calls(c.text)
+                content = extracted.content or ""
+                for call in extracted.tool_calls:
+                    (calls if _args(call.arguments) is not None else invalid).append(call)
+                if calls and info.get("finish_reason") == "stop":
+                    info["finish_reason"] = "tool_calls"
             message = AIMessage(
-                content=c.text,
+                content=content,
+                tool_calls=[tool_call(name=t.name, args=_args(t.arguments), id=t.id) for t in calls],
+                invalid_tool_calls=[
+                    invalid_tool_call(name=t.name, args=t.arguments, id=t.id, error="arguments are not a JSON object")
+                    for t in invalid
+                ],
                 usage_metadata=_usage_metadata(prompt_tokens, len(c.token_ids)),
                 response_metadata={**info, "model_name": model_name},
             )
             generations.append(ChatGeneration(message=message, generation_info=info))
         return ChatResult(generations=generations, llm_output=self._llm_output([out]))
 
-    def _chunk(self, delta: Delta) -> ChatGenerationChunk:
+    def _chunk(self, delta: Delta, reader: _ToolReader) -> ChatGenerationChunk:
+        text, call_chunks = reader.feed(delta)
+        info = dict(delta.info)
+        if reader.saw_calls and info.get("finish_reason") == "stop":
+            info["finish_reason"] = "tool_calls"
         if not delta.finished:
-            return ChatGenerationChunk(message=AIMessageChunk(content=delta.text, response_metadata=delta.info))
+            message = AIMessageChunk(content=text, tool_call_chunks=call_chunks, response_metadata=info)
+            return ChatGenerationChunk(message=message)
         # Usage and the model name go on the last chunk only: LangChain adds chunks' usage together.
         message = AIMessageChunk(
-            content=delta.text,
+            content=text,
+            tool_call_chunks=call_chunks,
             usage_metadata=_usage_metadata(delta.usage["prompt_tokens"], delta.usage["completion_tokens"]),
-            response_metadata={**delta.info, "model_name": self.engine_client.model_name},
+            response_metadata={**info, "model_name": self.engine_client.model_name},
             chunk_position="last",
         )
-        return ChatGenerationChunk(message=message, generation_info=delta.info)
+        return ChatGenerationChunk(message=message, generation_info=info)
+
+
+class _ToolReader:
+    """Splits a streamed response into text and tool-call chunks (pass-through without tools)."""
+
+    def __init__(self, tool_parser) -> None:
+        self.stream = tool_parser.stream() if tool_parser is not None else None
+        self.saw_calls = False
+
+    def feed(self, delta: Delta) -> tuple[str, list]:
+        if self.stream is None:
+            return delta.text, []
+        text, calls = self.stream.feed(delta.text)
+        if delta.finished:
+            more_text, more_calls = self.stream.finish()
+            text, calls = text + more_text, calls + more_calls
+        self.saw_calls = self.saw_calls or bool(calls)
+        chunks = [tool_call_chunk(name=d.name, args=d.arguments, id=d.id, index=d.index) for d in calls]
+        return text, chunks
+
+
+def _tool_choice(choice: dict | str | bool, names: list[str]) -> dict | str:
+    """LangChain's tool_choice forms as OpenAI's: a tool name, "any"/True for "required", or a dict."""
+    if choice is True or choice == "any":
+        return "required"
+    if isinstance(choice, str) and choice in names:
+        return {"type": "function", "function": {"name": choice}}
+    if isinstance(choice, str) and choice not in ("auto", "none", "required"):
+        raise ValueError(f"tool_choice {choice!r} is neither a bound tool ({', '.join(names)}) nor auto/none/any")
+    return choice
+
+
+def _args(arguments: str) -> dict | None:
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _usage_metadata(input_tokens: int, output_tokens: int) -> UsageMetadata:
@@ -246,8 +412,8 @@ def _usage_metadata(input_tokens: int, output_tokens: int) -> UsageMetadata:
     )
 
 
-def _template_message(message: BaseMessage) -> dict[str, str]:
-    """A LangChain message as a chat-template message (text content only)."""
+def _template_message(message: BaseMessage) -> dict[str, Any]:
+    """A LangChain message as an OpenAI-shaped message (text content; tool calls and results)."""
     role = message.role if isinstance(message, ChatMessage) else _ROLES.get(message.type)
     if role is None:
         raise ValueError(f"ChatVLLM cannot send a {message.type!r} message to a chat template")
@@ -260,8 +426,22 @@ def _template_message(message: BaseMessage) -> dict[str, str]:
                 parts.append(block)
             elif isinstance(block, dict) and block.get("type") == "text":
                 parts.append(block["text"])
+            elif isinstance(block, dict) and block.get("type") in ("tool_use", "tool_call"):
+                continue  # the same calls are in message.tool_calls
             else:
                 kind = block.get("type") if isinstance(block, dict) else type(block).__name__
                 raise ValueError(f"ChatVLLM accepts text content only, got a {kind!r} block")
         text = "".join(parts)
-    return template_message(role, text, message.name)
+    out: dict[str, Any] = template_message(role, text, message.name)
+    if isinstance(message, AIMessage) and message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call["id"],
+                "type": "function",
+                "function": {"name": call["name"], "arguments": json.dumps(call["args"], ensure_ascii=False)},
+            }
+            for call in message.tool_calls
+        ]
+    if isinstance(message, ToolMessage):
+        out["tool_call_id"] = message.tool_call_id
+    return out

@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from kvloom.engine.arg_utils import EngineArgs
@@ -27,6 +28,10 @@ _Deliver = Callable[[object], None]
 
 class EngineDeadError(RuntimeError):
     """The engine was shut down; no request can be served."""
+
+
+def _timed_out(request_id: str, timeout: float) -> TimeoutError:
+    return TimeoutError(f"request {request_id} did not finish within its timeout of {timeout} s and was aborted")
 
 
 class AsyncLLM:
@@ -108,9 +113,17 @@ class AsyncLLM:
         return rid
 
     async def generate(
-        self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None, lora_request=None
+        self,
+        prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        lora_request=None,
+        timeout: float | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the outputs of one request; bad input raises before anything is yielded."""
+        """Stream the outputs of one request; bad input raises before anything is yielded.
+
+        With a timeout (seconds), a request still running when it passes is aborted and TimeoutError raised.
+        """
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         rid = self.submit(
@@ -120,10 +133,17 @@ class AsyncLLM:
             lora_request,
             lambda item: loop.call_soon_threadsafe(q.put_nowait, item),
         )
+        deadline = None if timeout is None else time.monotonic() + timeout
         finished = False
         try:
             while not finished:
-                item = await q.get()
+                if deadline is None:
+                    item = await q.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(q.get(), max(deadline - time.monotonic(), 0))
+                    except asyncio.TimeoutError:
+                        raise _timed_out(rid, timeout) from None
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -133,15 +153,24 @@ class AsyncLLM:
                 self.abort(rid)
 
     def stream(
-        self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None, lora_request=None
+        self,
+        prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        lora_request=None,
+        timeout: float | None = None,
     ) -> Iterator[RequestOutput]:
         """The blocking form of generate(), for callers without an event loop."""
         q: queue.SimpleQueue = queue.SimpleQueue()
         rid = self.submit(prompt, sampling_params, request_id, lora_request, q.put)
+        deadline = None if timeout is None else time.monotonic() + timeout
         finished = False
         try:
             while not finished:
-                item = q.get()
+                try:
+                    item = q.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    raise _timed_out(rid, timeout) from None
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

@@ -120,6 +120,41 @@ def render_chat(
     return ChatPrompt(ids, constraint, parser, False if parser.needs_special_tokens else None)
 
 
+def response_format_constraint(fmt: dict[str, Any]) -> StructuredOutputsParams | None:
+    """OpenAI's response_format (text, json_object, json_schema) and vLLM's structural_tag form."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+        # strict or not, the output is constrained to the schema (a small model needs that most).
+        return StructuredOutputsParams(json=schema)
+    if kind == "structural_tag":
+        if "format" in fmt:
+            return StructuredOutputsParams(structural_tag=fmt)
+        # vLLM's older form: {"structures": [{"begin", "schema", "end"}], "triggers": [...]}
+        tags = [
+            {
+                "type": "tag",
+                "begin": s["begin"],
+                "content": {"type": "json_schema", "json_schema": s["schema"]},
+                "end": s["end"],
+            }
+            for s in fmt.get("structures") or []
+        ]
+        tag = {
+            "type": "structural_tag",
+            "format": {"type": "triggered_tags", "triggers": fmt.get("triggers") or [], "tags": tags},
+        }
+        return StructuredOutputsParams(structural_tag=tag)
+    raise ValueError(f"response_format.type must be text, json_object, json_schema or structural_tag, got {kind!r}")
+
+
 def validate_tools(tools: list[dict] | None) -> list[dict]:
     """OpenAI function tools, checked: [{"type": "function", "function": {"name", "description"?, "parameters"?}}]."""
     if not tools:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvloom import RequestOutputKind, SamplingParams
+from kvloom.chat_utils import response_format_constraint
 from kvloom.engine.structured_output import StructuredOutputsParams
 from kvloom.engine.structured_output.params import check_backend
 
@@ -191,41 +192,6 @@ class LoadLoRAAdapterRequest(OpenAIModel):
 class UnloadLoRAAdapterRequest(OpenAIModel):
     lora_name: str = Field(min_length=1)
     lora_int_id: int | None = None
-
-
-def response_format_constraint(fmt: dict[str, Any]) -> StructuredOutputsParams | None:
-    """OpenAI's response_format (text, json_object, json_schema) and vLLM's structural_tag form."""
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return StructuredOutputsParams(json_object=True)
-    if kind == "json_schema":
-        spec = fmt.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
-        # strict or not, the output is constrained to the schema (a small model needs that most).
-        return StructuredOutputsParams(json=schema)
-    if kind == "structural_tag":
-        if "format" in fmt:
-            return StructuredOutputsParams(structural_tag=fmt)
-        # vLLM's older form: {"structures": [{"begin", "schema", "end"}], "triggers": [...]}
-        tags = [
-            {
-                "type": "tag",
-                "begin": s["begin"],
-                "content": {"type": "json_schema", "json_schema": s["schema"]},
-                "end": s["end"],
-            }
-            for s in fmt.get("structures") or []
-        ]
-        tag = {
-            "type": "structural_tag",
-            "format": {"type": "triggered_tags", "triggers": fmt.get("triggers") or [], "tags": tags},
-        }
-        return StructuredOutputsParams(structural_tag=tag)
-    raise ValueError(f"response_format.type must be text, json_object, json_schema or structural_tag, got {kind!r}")
 
 
 def new_id(prefix: str) -> str:
