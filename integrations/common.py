@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 
 from kvloom import RequestOutput, RequestOutputKind, SamplingParams
 from kvloom.chat_utils import response_format_constraint
@@ -58,6 +58,14 @@ class KvloomParams(BaseModel):
     """The adapter every request uses unless a call says otherwise: a registered name or a LoRARequest."""
     timeout: float | None = Field(default=None, gt=0)
     """Seconds a call may take; a request still running then is aborted and TimeoutError raised."""
+    max_retries: int = Field(default=2, ge=0)
+    """Retries after a transient failure of a remote server (`base_url`): a connection error, a 429 or
+    a 5xx. The in-process engine has no transient failures, so there it never retries."""
+    base_url: str | None = None
+    """A running `kvloom serve` (e.g. http://127.0.0.1:8000/v1) to use instead of an in-process engine;
+    `model` then names one of its served models (its first when None)."""
+    api_key: SecretStr | None = None
+    """The server's API key (`kvloom serve --api-key`), with base_url."""
     engine: Any = Field(default=None, exclude=True, validation_alias=AliasChoices("engine", "llm", "client"))
 
     _engine_client: Any = PrivateAttr(default=None)
@@ -68,6 +76,25 @@ class KvloomParams(BaseModel):
         clash = sorted(set(_ENGINE_FIELDS) & set(self.vllm_kwargs))
         if clash:
             raise ValueError(f"vllm_kwargs sets {', '.join(clash)}: pass it as its own field instead")
+        if self.base_url is not None:
+            local = [
+                name
+                for name, is_default in (
+                    ("engine", self.engine is None),
+                    ("vllm_kwargs", not self.vllm_kwargs),
+                    ("dtype", self.dtype == "auto"),
+                    ("tensor_parallel_size", (self.tensor_parallel_size or 1) == 1),
+                    ("trust_remote_code", not self.trust_remote_code),
+                    ("download_dir", self.download_dir is None),
+                )
+                if not is_default
+            ]
+            if local:
+                raise ValueError(
+                    f"{', '.join(local)} configure an in-process engine; with base_url the server's is used"
+                )
+        elif self.api_key is not None:
+            raise ValueError("api_key is for a remote server: set base_url too")
         return self
 
     # ---- the engine --------------------------------------------------------------------------
@@ -75,7 +102,14 @@ class KvloomParams(BaseModel):
     def engine_client(self):
         """The AsyncLLM this wrapper submits to (the shared engine is created on first use)."""
         if self._engine_client is None:
-            if self.engine is not None:
+            if self.base_url is not None:
+                from kvloom.integrations.remote import RemoteEngineClient
+
+                key = self.api_key.get_secret_value() if self.api_key is not None else None
+                self._engine_client = RemoteEngineClient(
+                    self.base_url, key, self.model, timeout=self.timeout, max_retries=self.max_retries
+                )
+            elif self.engine is not None:
                 from kvloom.serving import as_engine_client
 
                 self._engine_client = as_engine_client(self.engine)
@@ -94,7 +128,7 @@ class KvloomParams(BaseModel):
 
     def _model_label(self) -> str:
         """The model's name without loading it (for tracing metadata)."""
-        if self._engine_client is not None or self.engine is not None:
+        if self._engine_client is not None or self.engine is not None or self.base_url is not None:
             return self.engine_client.model_name
         if self.model:
             return self.model

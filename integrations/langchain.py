@@ -53,6 +53,10 @@ _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"
 class _LangChainParams(KvloomParams):
     """What VLLM and ChatVLLM share: per-call arguments, tracing metadata and result metadata."""
 
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {"api_key": "KVLOOM_API_KEY"}
+
     def _call_params(self, stop: list[str] | None, kwargs: dict[str, Any]):
         # `stream=True` is LangChain's own switch between _generate and _stream, not a sampling value.
         return self._sampling_params(stop, {k: v for k, v in kwargs.items() if k != "stream"})
@@ -219,7 +223,9 @@ class ChatVLLM(_LangChainParams, BaseChatModel):
         """Answers parsed into `schema` (Pydantic class, TypedDict, or JSON schema), as ChatOpenAI's method.
 
         json_schema (default) constrains the output to the schema; function_calling forces a call of a
-        tool made from the schema; json_mode constrains the output to a JSON object.
+        tool made from the schema; json_mode asks for a JSON object (response_format json_object) and,
+        since a small local model cannot be relied on to follow a schema given only in the prompt,
+        constrains that object to the schema too.
         """
         if kwargs:
             raise ValueError(f"unsupported arguments to with_structured_output: {', '.join(kwargs)}")
@@ -236,13 +242,7 @@ class ChatVLLM(_LangChainParams, BaseChatModel):
                 else JsonOutputKeyToolsParser(key_name=name, first_tool_only=True)
             )
         elif method in ("json_schema", "json_mode"):
-            if method == "json_schema":
-                fmt = {
-                    "type": "json_schema",
-                    "json_schema": {"name": "output", "schema": convert_to_json_schema(schema)},
-                }
-            else:
-                fmt = {"type": "json_object"}
+            fmt = {"type": "json_schema", "json_schema": {"name": "output", "schema": convert_to_json_schema(schema)}}
             llm = self.bind(response_format=fmt, ls_structured_output_format=trace)
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         else:

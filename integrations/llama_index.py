@@ -79,7 +79,10 @@ class Vllm(KvloomParams, FunctionCallingLLM):
 
     # ---- prompts -----------------------------------------------------------------------------
     def _has_chat_template(self) -> bool:
-        return getattr(self.engine_client.get_tokenizer(), "chat_template", None) is not None
+        client = self.engine_client
+        if hasattr(client, "has_chat_template"):  # a remote client: the server knows
+            return client.has_chat_template
+        return getattr(client.get_tokenizer(), "chat_template", None) is not None
 
     def _completion_prompt(self, prompt: str, formatted: bool) -> str:
         return prompt if formatted else self.completion_to_prompt(prompt)

@@ -73,6 +73,17 @@ def render_chat(
     tool_choice: None or "auto" (the model chooses; default with tools), "none" (tools are not offered),
     "required" (at least one call) or {"type": "function", "function": {"name": ...}} (that function).
     """
+    if hasattr(engine, "render_chat"):  # a remote engine client: its server renders (and checks) the chat
+        return engine.render_chat(
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template_kwargs=chat_template_kwargs,
+        )
     tokenizer = engine.get_tokenizer()
     tools = validate_tools(tools)
     mode, forced = parse_tool_choice(tool_choice, tools)
@@ -104,19 +115,26 @@ def render_chat(
         raise ValueError(f"the chat template could not render these messages: {e}") from None
     if not offered:
         return ChatPrompt(ids)
-    if mode == "required":
-        # Compact JSON: calls stay short, and a small model cannot drift into whitespace.
-        constraint = StructuredOutputsParams(
-            json=required_schema(tools, parallel_tool_calls), disable_any_whitespace=True
+    chosen = [_find(tools, forced)] if mode == "named" else tools
+    tag = fmt.structural_tag(chosen, parallel_tool_calls and mode != "named", required=mode != "auto")
+    if tag is not None:
+        # The model's own call format, constrained: free text and calls (auto), or calls only.
+        constraint, parser = StructuredOutputsParams(structural_tag=tag), fmt
+    elif mode == "required":
+        # vLLM's form for formats without tags: a JSON list of calls (compact, so calls stay short).
+        schema = required_schema(tools, parallel_tool_calls)
+        constraint, parser = (
+            StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+            RequiredToolParser(tools),
         )
-        parser: ToolParser = RequiredToolParser(tools)
     elif mode == "named":
-        constraint = StructuredOutputsParams(json=_parameters(_find(tools, forced)), disable_any_whitespace=True)
-        parser = NamedToolParser(tools, forced)
+        schema = _parameters(chosen[0])
+        constraint, parser = (
+            StructuredOutputsParams(json=schema, disable_any_whitespace=True),
+            NamedToolParser(tools, forced),
+        )
     else:
-        tag = fmt.structural_tag(tools, parallel_tool_calls)
-        constraint = StructuredOutputsParams(structural_tag=tag) if tag is not None else None
-        parser = fmt
+        constraint, parser = None, fmt
     return ChatPrompt(ids, constraint, parser, False if parser.needs_special_tokens else None)
 
 

@@ -69,6 +69,15 @@ class StructuredOutputsParams:
             self.disable_additional_properties,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that differ from their defaults (the JSON form from_dict reads)."""
+        out = {}
+        for f in fields(StructuredOutputsParams):
+            value = getattr(self, f.name)
+            if value != f.default:
+                out[f.name] = json.loads(value) if f.name in ("json", "structural_tag") else value
+        return out
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StructuredOutputsParams:
         """Build from a JSON body (the server's `structured_outputs` field); unknown keys are refused."""

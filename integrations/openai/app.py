@@ -29,7 +29,7 @@ from kvloom.integrations.openai.protocol import (
     usage,
 )
 from kvloom.llm import with_chat_constraint
-from kvloom.tool_parsers import ToolParserManager
+from kvloom.tool_parsers import NamedToolParser, ToolParserManager
 
 
 class APIError(Exception):
@@ -236,14 +236,19 @@ def build_app(
     async def tokenize(body: TokenizeRequest):
         check_model(body.model)
         if body.messages is not None:
-            ids = chat_prompt(
+            rendered = chat_prompt(
                 body, [m.model_dump(exclude_none=True) for m in body.messages], body.add_generation_prompt
             )
-            ids = ids.prompt_token_ids
-        elif body.prompt is not None:
-            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        else:
+            # kvloom's extension: what the tools imply for the output (remote adapters rebuild it).
+            return {
+                "count": len(rendered.prompt_token_ids),
+                "max_model_len": client.max_model_len,
+                "tokens": rendered.prompt_token_ids,
+                **chat_prompt_extras(rendered),
+            }
+        if body.prompt is None:
             raise APIError("either prompt or messages is required", param="prompt")
+        ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": client.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")
@@ -280,15 +285,16 @@ def build_app(
             text_prefix = encoded[i][0] if body.echo else ""
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
-                choices.append(
-                    {
-                        "index": i * body.n + c.index,
-                        "text": text_prefix + c.text,
-                        "logprobs": _completion_logprobs(c, body.logprobs) if body.logprobs is not None else None,
-                        "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason,
-                    }
-                )
+                choice = {
+                    "index": i * body.n + c.index,
+                    "text": text_prefix + c.text,
+                    "logprobs": _completion_logprobs(c, body.logprobs) if body.logprobs is not None else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                if body.return_token_ids:
+                    choice.update(token_ids=list(c.token_ids), prompt_token_ids=encoded[i][1])
+                choices.append(choice)
         choices.sort(key=lambda ch: ch["index"])
         prompt_tokens = sum(len(ids) for _, ids in encoded)
         return {
@@ -446,26 +452,24 @@ async def _completion_chunks(body: CompletionRequest, model: str, rid: str, enco
             index = i * body.n + c.index
             per_choice[index] = per_choice.get(index, 0) + len(c.token_ids)
             text = c.text
-            if body.echo and index not in started:
+            first = index not in started
+            if body.echo and first:
                 text = encoded[i][0] + text
             started.add(index)
             tokens += len(c.token_ids)
             logprobs = _completion_logprobs(c, body.logprobs) if body.logprobs is not None else None
-            yield {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": index,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason,
-                    }
-                ],
+            choice = {
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
             }
+            if body.return_token_ids:
+                choice["token_ids"] = list(c.token_ids)
+                if first:
+                    choice["prompt_token_ids"] = encoded[i][1]
+            yield {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
         if out.finished:
             mine = [v for k, v in per_choice.items() if k // body.n == i]
             metrics.observe_finished(out, max(mine, default=0))
@@ -527,6 +531,22 @@ async def _chat_chunks(
             metrics.observe_finished(out, max(per_choice.values(), default=0))
     if body.stream_options and body.stream_options.include_usage:
         yield {**base, "choices": [], "usage": usage(prompt_len, tokens)}
+
+
+def chat_prompt_extras(rendered: ChatPrompt) -> dict:
+    """The constraint and tool parser a rendered chat implies, as JSON (kvloom's /tokenize extension)."""
+    constraint = rendered.structured_outputs
+    parser = rendered.tool_parser
+    parser_spec = None
+    if parser is not None:
+        parser_spec = {"name": parser.name}
+        if isinstance(parser, NamedToolParser):
+            parser_spec["function"] = parser.function_name
+    return {
+        "structured_outputs": None if constraint is None else constraint.to_dict(),
+        "tool_parser": parser_spec,
+        "skip_special_tokens": rendered.skip_special_tokens,
+    }
 
 
 def _tool_call(call) -> dict:

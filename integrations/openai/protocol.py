@@ -132,6 +132,8 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    # vLLM's extra: each choice carries the generated token ids (and its prompt's, once).
+    return_token_ids: bool = False
 
 
 class ChatMessage(OpenAIModel):
@@ -175,6 +177,8 @@ class TokenizeRequest(OpenAIModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 

@@ -131,8 +131,40 @@ class ToolParser:
     def stream(self) -> ToolStream:
         return self.stream_class()
 
-    def structural_tag(self, tools: list[dict], parallel_tool_calls: bool) -> dict | None:
-        return None
+    # Formats whose calls are tags (begin text naming the function, JSON arguments, end text) can be
+    # constrained by an xgrammar structural tag; the others set tag_trigger to None.
+    tag_trigger: ClassVar[str | None] = None
+    tag_end: ClassVar[str] = ""
+    tag_separator: ClassVar[str] = "\n"
+
+    def tag_begin(self, name: str) -> str:
+        raise NotImplementedError
+
+    def structural_tag(self, tools: list[dict], parallel_tool_calls: bool, required: bool = False) -> dict | None:
+        """An xgrammar structural tag for calls of these tools, or None if the format has none.
+
+        Not required: free text, and a call once the model writes the trigger. Required: calls only,
+        at least one, from the first token.
+        """
+        if self.tag_trigger is None:
+            return None
+        tags = [
+            {
+                "type": "tag",
+                "begin": self.tag_begin(fn["name"]),
+                "content": {"type": "json_schema", "json_schema": fn.get("parameters") or {"type": "object"}},
+                "end": self.tag_end,
+            }
+            for fn in tool_functions(tools)
+        ]
+        once = not parallel_tool_calls
+        if required:
+            fmt = {"type": "tags_with_separator", "tags": tags, "separator": self.tag_separator}
+            fmt.update(at_least_one=True, stop_after_first=once)
+        else:
+            fmt = {"type": "triggered_tags", "triggers": [self.tag_trigger], "tags": tags}
+            fmt.update(at_least_one=False, stop_after_first=once)
+        return {"type": "structural_tag", "format": fmt}
 
     def system_prompt(self, tools: list[dict]) -> str | None:
         return None

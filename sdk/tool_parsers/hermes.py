@@ -8,7 +8,6 @@ from kvloom.tool_parsers.base import (
     ToolParser,
     ToolParserManager,
     call_name_and_arguments,
-    tool_functions,
     tools_as_lines,
 )
 from kvloom.tool_parsers.json_calls import WHITESPACE, JsonCallStream, skip
@@ -63,26 +62,14 @@ class HermesToolParser(ToolParser):
 
     stream_class = HermesStream
 
-    def structural_tag(self, tools: list[dict], parallel_tool_calls: bool) -> dict | None:
-        tags = [
-            {
-                "type": "tag",
-                "begin": f'{START}\n{{"name": {json.dumps(fn["name"])}, "arguments": ',
-                "content": {"type": "json_schema", "json_schema": fn.get("parameters") or {"type": "object"}},
-                "end": f"}}\n{END}",
-            }
-            for fn in tool_functions(tools)
-        ]
-        return {
-            "type": "structural_tag",
-            "format": {
-                "type": "triggered_tags",
-                "triggers": [START],
-                "tags": tags,
-                "at_least_one": False,
-                "stop_after_first": not parallel_tool_calls,
-            },
-        }
+    tag_trigger = START
+    tag_end = f"}}\n{END}"
+    # Forced calls follow each other directly: offered a newline between calls, small models keep
+    # repeating the call; offered only the next call or the end, they end.
+    tag_separator = ""
+
+    def tag_begin(self, name: str) -> str:
+        return f'{START}\n{{"name": {json.dumps(name)}, "arguments": '
 
     def system_prompt(self, tools: list[dict]) -> str | None:
         return (

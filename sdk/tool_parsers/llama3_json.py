@@ -8,7 +8,6 @@ from kvloom.tool_parsers.base import (
     ToolParser,
     ToolParserManager,
     call_name_and_arguments,
-    tool_functions,
     tools_as_lines,
 )
 from kvloom.tool_parsers.json_calls import JsonCallStream, skip
@@ -64,26 +63,12 @@ class Llama3JsonToolParser(ToolParser):
 
     stream_class = Llama3JsonStream
 
-    def structural_tag(self, tools: list[dict], parallel_tool_calls: bool) -> dict | None:
-        tags = [
-            {
-                "type": "tag",
-                "begin": f'{{"name": {json.dumps(fn["name"])}, "parameters": ',
-                "content": {"type": "json_schema", "json_schema": fn.get("parameters") or {"type": "object"}},
-                "end": "}",
-            }
-            for fn in tool_functions(tools)
-        ]
-        return {
-            "type": "structural_tag",
-            "format": {
-                "type": "triggered_tags",
-                "triggers": ['{"name": "'],
-                "tags": tags,
-                "at_least_one": False,
-                "stop_after_first": not parallel_tool_calls,
-            },
-        }
+    tag_trigger = '{"name": "'
+    tag_end = "}"
+    tag_separator = "; "
+
+    def tag_begin(self, name: str) -> str:
+        return f'{{"name": {json.dumps(name)}, "parameters": '
 
     def system_prompt(self, tools: list[dict]) -> str | None:
         return (

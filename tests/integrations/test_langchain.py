@@ -414,24 +414,42 @@ class TestChatVLLMStandardUnit(_TinyModel, ChatModelUnitTests):
 
     @property
     def standard_chat_model_params(self) -> dict:
-        # The suite also passes api_key, timeout and max_retries, settings of remote clients that an
-        # in-process model does not have; ChatVLLM rejects unknown fields rather than ignore them.
-        return {"temperature": 0, "max_tokens": 100, "stop": []}
+        # All of the suite's standard params but api_key: an in-process model has no server to send a
+        # key to, and ChatVLLM refuses an api_key without base_url rather than ignore it. The
+        # remote form (base_url + api_key) is tested in test_remote_adapters.py.
+        params = super().standard_chat_model_params
+        params.pop("api_key")
+        return params
 
-
-class TestChatVLLMStandardIntegration(_TinyModel, ChatModelIntegrationTests):
-    # What a small text-only model behind a chat template cannot do; each test below skips itself.
     @property
-    def has_tool_calling(self) -> bool:
-        return False  # no tool-call parser: the model's text is returned as text
+    def init_from_env_params(self) -> tuple[dict, dict, dict]:
+        # Nothing is read from the environment: an in-process model needs no key or address.
+        return {}, {}, {}
+
+
+@pytest.mark.slow
+class TestChatVLLMStandardIntegration(ChatModelIntegrationTests):
+    """langchain-tests' integration suite on the real default model, tool calling and structured output on."""
+
+    @property
+    def chat_model_class(self) -> type[ChatVLLM]:
+        return ChatVLLM
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"temperature": 0, "max_new_tokens": 256, "vllm_kwargs": {"max_model_len": 2048}}
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True  # required and named choices are enforced by constrained decoding
 
     @property
     def has_structured_output(self) -> bool:
-        return False  # no constrained decoding or tool calling to build it on
+        return True
 
     @property
     def supports_json_mode(self) -> bool:
-        return False
+        return True
 
     @property
     def supports_image_inputs(self) -> bool:
@@ -444,3 +462,10 @@ class TestChatVLLMStandardIntegration(_TinyModel, ChatModelIntegrationTests):
     @property
     def returns_usage_metadata(self) -> bool:
         return True
+
+    @pytest.mark.skip(
+        reason="needs the model to choose a tool by itself (tool_choice auto): the 135M default model answers in "
+        "text instead; auto is tested with a model that opens calls itself in test_langchain_tools.py"
+    )
+    def test_agent_loop(self, model) -> None:
+        pass

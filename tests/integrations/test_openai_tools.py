@@ -294,3 +294,21 @@ def test_auto_tool_choice_can_be_turned_off_and_tokenize_takes_null_content(engi
         assert tok.status_code == 200 and tok.json()["count"] > 0
     with pytest.raises(ValueError, match="unknown tool call parser"):
         kvloom.serve(engine, tool_call_parser="nonesuch")
+
+
+@pytest.mark.parametrize("parser", ["pythonic", "mistral"])
+def test_formats_without_tags_use_vllm_json_forms_for_forced_calls(engine, parser):
+    # These formats have no structural tag: required is a JSON list of calls, named the bare arguments.
+    with kvloom.serve(engine, served_model_name=MODEL, tool_call_parser=parser) as handle:
+        c = openai.OpenAI(base_url=handle.base_url, api_key="unused")
+        kwargs = dict(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=300, temperature=0)
+        required = c.chat.completions.create(tool_choice="required", **kwargs)
+        check_calls(required.choices[0].message.tool_calls)
+        named = c.chat.completions.create(
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}, **kwargs
+        )
+        check_calls(named.choices[0].message.tool_calls, ["get_weather"])
+        calls, _, _ = streamed(c, tool_choice="required", **kwargs)
+        assert [(x["name"], x["arguments"]) for x in calls] == [
+            (t.function.name, t.function.arguments) for t in required.choices[0].message.tool_calls
+        ]
