@@ -9,6 +9,7 @@ from kvloom.engine.arg_utils import EngineArgs
 from kvloom.engine.lora.request import LoRARequest
 from kvloom.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from kvloom.engine.sampling_params import RequestOutputKind, SamplingParams
+from kvloom.engine.structured_output import GuidedDecodingParams, StructuredOutputsParams
 from kvloom.llm import LLM
 
 __version__ = "0.1.0"
@@ -21,12 +22,14 @@ __all__ = [
     "shutdown_engines",
     "CompletionOutput",
     "EngineArgs",
+    "GuidedDecodingParams",
     "LLMEngine",
     "Logprob",
     "LoRARequest",
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
+    "StructuredOutputsParams",
     "__version__",
 ]
 

@@ -470,9 +470,9 @@ class TestChatVLLMStandardIntegration(ChatModelIntegrationTests):
     def returns_usage_metadata(self) -> bool:
         return True
 
-    @pytest.mark.skip(
+    @pytest.mark.xfail(
         reason="needs the model to choose a tool by itself (tool_choice auto): the 135M default model answers in "
         "text instead; auto is tested with a model that opens calls itself in test_langchain_tools.py"
     )
     def test_agent_loop(self, model) -> None:
-        pass
+        super().test_agent_loop(model)

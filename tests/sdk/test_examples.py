@@ -52,6 +52,8 @@ def test_agent_endpoint_example():
     pytest.importorskip("openai")
     out = run_example("agent_endpoint.py")
     assert "-> The capital of France is Paris" in out and "Berlin" in out
+    assert '[agent] tool call: get_weather({"city": "Paris"}) -> Sunny' in out
+    assert "22 degrees" in out.split("[agent] answer:", 1)[1]
     assert "[main] " in out
 
 
