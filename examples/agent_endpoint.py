@@ -51,8 +51,9 @@ def agent() -> None:
         model=model, messages=messages, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=64
     )
     call = first.choices[0].message.tool_calls[0]
-    result = get_weather(**json.loads(call.function.arguments))
-    print(f"[agent] tool call: {call.function.name}({call.function.arguments}) -> {result}")
+    arguments = json.loads(call.function.arguments)
+    result = get_weather(**arguments)
+    print(f"[agent] tool call: {call.function.name}({json.dumps(arguments)}) -> {result}")
     messages += [first.choices[0].message.model_dump(), {"role": "tool", "tool_call_id": call.id, "content": result}]
     final = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, temperature=0, max_tokens=64)
     print(f"[agent] answer: {final.choices[0].message.content.strip()}")

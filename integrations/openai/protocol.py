@@ -22,8 +22,13 @@ class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     def unsupported_fields(self) -> list[str]:
-        """Fields this server does not implement (unknown names, or known ones it cannot honour)."""
-        return sorted(k for k in (self.model_extra or {}) if k not in MEANINGLESS_FIELDS)
+        """Fields this server does not implement (unknown names, or known ones it cannot honour).
+
+        Null or empty values ask for nothing (clients echo assistant messages back with
+        `refusal: null`, `annotations: []`, ...), so only fields with a value count.
+        """
+        extra = self.model_extra or {}
+        return sorted(k for k, v in extra.items() if k not in MEANINGLESS_FIELDS and v not in (None, [], {}))
 
 
 class StreamOptions(OpenAIModel):

@@ -6,6 +6,8 @@ set to the token count its constrained answer had (and ignore_eos), so both runs
 the same tokens in the same batches: the output tok/s ratio is the price of the constraint. It also
 reports the share of constrained outputs that validate, the time the step loop spent on bitmasks,
 and the p50 time to compile a schema the engine has not seen (`--num-schemas` variants).
+`--compare-backends` also times xgrammar against llguidance (if installed) on the same tokenizer:
+compile time of the schema and the time to compute one token's bitmask along a valid answer.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--num-schemas", type=int, default=10, help="new schemas whose compile time is measured")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--compare-backends", action="store_true", help="also time xgrammar against llguidance")
     args = ap.parse_args(argv)
 
     import jsonschema
@@ -133,6 +136,63 @@ def main(argv: list[str] | None = None) -> None:
         ),
         flush=True,
     )
+    if args.compare_backends:
+        answer = next(o.outputs[0].text for o in outs if o.outputs[0].finish_reason == "stop")
+        compare_backends(llm.get_tokenizer(), engine.arch.vocab_size, schema(), answer)
+
+
+def compare_backends(tokenizer, vocab_size: int, spec: dict, answer: str) -> None:
+    """Compile time and per-token bitmask time of each grammar library, on one tokenizer and answer."""
+    import torch
+
+    ids = tokenizer.encode(answer, add_special_tokens=False)
+    text = json.dumps(spec)
+
+    def report(name: str, setup_s: float, compile_s: float, fill, accept) -> None:
+        bitmask = torch.full((1, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+        times = []
+        for token in ids:
+            t0 = time.perf_counter()
+            fill(bitmask)
+            times.append(time.perf_counter() - t0)
+            assert accept(token), f"{name} rejected token {token}"
+        print(
+            json.dumps(
+                {
+                    "backend": name,
+                    "tokenizer_setup_ms": round(setup_s * 1e3, 1),
+                    "compile_ms": round(compile_s * 1e3, 1),
+                    "mask_us_p50": round(statistics.median(times) * 1e6, 1),
+                    "mask_us_max": round(max(times) * 1e6, 1),
+                    "tokens": len(ids),
+                }
+            ),
+            flush=True,
+        )
+
+    import xgrammar
+
+    t0 = time.perf_counter()
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+    t1 = time.perf_counter()
+    compiled = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False).compile_json_schema(text)
+    t2 = time.perf_counter()
+    matcher = xgrammar.GrammarMatcher(compiled)
+    report("xgrammar", t1 - t0, t2 - t1, lambda b: matcher.fill_next_token_bitmask(b, 0), matcher.accept_token)
+    try:
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch
+    except ImportError:
+        print(json.dumps({"backend": "llguidance", "skipped": "not installed (pip install llguidance)"}), flush=True)
+        return
+    t0 = time.perf_counter()
+    ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+    t1 = time.perf_counter()
+    ll_matcher = llguidance.LLMatcher(ll_tokenizer, llguidance.LLMatcher.grammar_from_json_schema(text))
+    t2 = time.perf_counter()
+    fill = lambda b: llguidance.torch.fill_next_token_bitmask(ll_matcher, b, 0)
+    report("llguidance", t1 - t0, t2 - t1, fill, ll_matcher.consume_token)
 
 
 def _cores() -> int:

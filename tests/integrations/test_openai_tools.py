@@ -158,7 +158,7 @@ def test_tool_result_round_trip_reaches_the_prompt(client, server):
     )
     call = first.choices[0].message.tool_calls[0]
     history = ASK + [
-        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        first.choices[0].message.model_dump(),  # as clients echo it: refusal, audio, annotations null
         {"role": "tool", "tool_call_id": call.id, "content": "sunny and 22 degrees"},
     ]
     answer = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=8)
@@ -312,3 +312,33 @@ def test_formats_without_tags_use_vllm_json_forms_for_forced_calls(engine, parse
         assert [(x["name"], x["arguments"]) for x in calls] == [
             (t.function.name, t.function.arguments) for t in required.choices[0].message.tool_calls
         ]
+
+
+def test_langchain_chatopenai_and_llamaindex_openailike_call_tools_through_the_server(server):
+    pytest.importorskip("langchain_openai")
+    pytest.importorskip("llama_index.llms.openai_like")
+    from langchain_openai import ChatOpenAI
+    from llama_index.core.tools import FunctionTool
+    from llama_index.llms.openai_like import OpenAILike
+
+    chat = ChatOpenAI(base_url=server.base_url, api_key="unused", model=MODEL, temperature=0, max_tokens=200)
+    message = chat.bind_tools(TOOLS, tool_choice="any").invoke("What is the weather in Paris?")
+    assert message.tool_calls and message.tool_calls[0]["name"] in SCHEMAS
+    jsonschema.validate(message.tool_calls[0]["args"], SCHEMAS[message.tool_calls[0]["name"]])
+
+    def get_time(city: str) -> str:
+        """Local time of a city."""
+        return "noon"
+
+    llm = OpenAILike(
+        api_base=server.base_url,
+        api_key="unused",
+        model=MODEL,
+        is_chat_model=True,
+        is_function_calling_model=True,
+        temperature=0,
+        max_tokens=200,
+    )
+    response = llm.chat_with_tools([FunctionTool.from_defaults(get_time)], user_msg="Time?", tool_required=True)
+    selections = llm.get_tool_calls_from_response(response)
+    assert selections[0].tool_name == "get_time" and isinstance(selections[0].tool_kwargs.get("city"), str)
