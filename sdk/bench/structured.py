@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="model (default: the SDK's default model)")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--num-schemas", type=int, default=10, help="new schemas whose compile time is measured")
-    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--compare-backends", action="store_true", help="also time xgrammar against llguidance")
     args = ap.parse_args(argv)
 
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                 "constrained_over_unconstrained": round(free_s / constrained_s, 3),
                 "bar": 0.9,
                 "valid_outputs": f"{valid}/{len(outs)}",
+                "cut_by_max_tokens": sum(o.outputs[0].finish_reason == "length" for o in outs),
                 "first_compile_ms": round(compile_ms[0], 1),
                 "new_schema_compile_ms_p50": round(statistics.median(compile_ms[1:]), 1),
                 "mask_ms_per_step": round(mask_s * 1e3 / max(steps, 1), 3),
