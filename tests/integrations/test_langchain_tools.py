@@ -212,3 +212,21 @@ def test_create_agent_calls_a_tool_on_the_default_model():
     kinds = [m.type for m in out["messages"]]
     assert kinds == ["human", "ai", "tool", "ai"]
     assert "22 degrees" in out["messages"][-1].content
+
+
+def pick_color(color: Literal["red", "blue"]) -> str:
+    """Pick a color."""
+    return color
+
+
+class Rate(BaseModel):
+    """Rate something from 1 to 5."""
+
+    stars: int = Field(ge=1, le=5)
+
+
+def test_functions_pydantic_classes_and_schemas_as_tools(chat):
+    for spec, name in ((pick_color, "pick_color"), (Rate, "Rate"), (Person.model_json_schema(), "Person")):
+        message = chat.bind_tools([spec], tool_choice="any").invoke("Go.")
+        assert message.tool_calls[0]["name"] == name
+    assert message.tool_calls[0]["args"]["role"] in ("admin", "user")
