@@ -27,6 +27,7 @@ from kvloom.engine.output_processor import OutputProcessor, RequestState, Sequen
 from kvloom.engine.outputs import RequestMetrics, RequestOutput
 from kvloom.engine.request import Request, RequestStatus
 from kvloom.engine.sampling_params import SamplingParams
+from kvloom.engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from kvloom.engine.scheduler.scheduler import Scheduler
 from kvloom.engine.stats import EngineStats
 from kvloom.engine.structured_output.manager import StructuredOutputManager
@@ -117,6 +118,7 @@ class LLMEngine:
             self.structured_output,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._errors: dict[str, Exception] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
         self.startup_seconds = time.perf_counter() - t0
@@ -238,8 +240,16 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if params.logit_bias and max(params.logit_bias) >= self.arch.vocab_size:
-            raise ValueError(f"logit_bias token ids must be below the vocabulary size ({self.arch.vocab_size})")
+        vocab = self.arch.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size ({vocab})")
+        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
+            raise ValueError(f"stop_token_ids must be below the vocabulary size ({vocab})")
+        if params.num_samples > self.scheduler_config.max_num_seqs:
+            raise ValueError(
+                f"n (or best_of) is {params.num_samples}, above max_num_seqs ({self.scheduler_config.max_num_seqs}); "
+                "raise max_num_seqs (--max-num-seqs) to sample more sequences per request"
+            )
         adapter = self._load_lora(lora_request)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         text, ids = self.process_prompt(prompt)
@@ -346,16 +356,73 @@ class LLMEngine:
         if sched_out.is_empty and self.scheduler.waiting:
             # Requests wait only for a grammar still compiling: wait a little for it, don't spin.
             self.structured_output.wait_for_compiles(timeout=0.02)
-        result = self.runner.execute_model(sched_out)
+        try:
+            result, failed = self.runner.execute_model(sched_out), {}
+        except Exception as error:
+            result, failed = self._isolate_failure(sched_out, error)
         updated = self.scheduler.update(sched_out, result)
         outputs, stopped = self.output_processor.process(updated, result)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        for seq_id, error in failed.items():
+            self._fail_sequence(seq_id, error)
         self.stats.record_step(sched_out, len(result.sampled_token_ids), self.scheduler.num_preemptions)
         kv = self.kv_cache_manager
         self.stats.record_kv(
             kv.num_used_blocks * kv.block_size, kv.num_unfilled_slots(self.scheduler.running), kv.usage
         )
         return outputs
+
+    def _isolate_failure(self, out: SchedulerOutput, error: Exception) -> tuple[ModelRunnerOutput, dict]:
+        """Re-run a step that raised one sequence at a time: those that fail alone are failed, the rest go on.
+
+        The runner keeps nothing of a failed step (sampled tokens are recorded only on success), and
+        re-written KV slots get the same values, so the re-runs continue exactly where the step was.
+        """
+        logger.warning(
+            "an engine step of %d sequences failed (%s: %s); re-running them one at a time to find the cause",
+            len(out.seqs),
+            type(error).__name__,
+            error,
+        )
+        new = {n.req_id: n for n in out.new_requests}
+        merged = ModelRunnerOutput()
+        logprobs: list = []
+        failed: dict[str, Exception] = {}
+        for seq in out.seqs:
+            single = SchedulerOutput(
+                seqs=[seq],
+                new_requests=[new[seq.req_id]] if seq.req_id in new else [],
+                finished_req_ids=out.finished_req_ids,
+                num_batched_tokens=len(seq.token_ids),
+                grammar_bitmask=out.grammar_bitmask.only(seq.req_id) if out.grammar_bitmask is not None else None,
+            )
+            try:
+                result = self.runner.execute_model(single)
+            except Exception as e:
+                logger.error("request %s failed the engine step: %s: %s", seq.req_id, type(e).__name__, e)
+                failed[seq.req_id] = e
+                continue
+            merged.req_ids += result.req_ids
+            merged.sampled_token_ids += result.sampled_token_ids
+            logprobs += result.logprobs or [None] * len(result.req_ids)
+            merged.prompt_logprobs.update(result.prompt_logprobs)
+        if any(lp is not None for lp in logprobs):
+            merged.logprobs = logprobs
+        return merged, failed
+
+    def _fail_sequence(self, seq_id: str, error: Exception) -> None:
+        """End the user request a failed sequence belongs to; its caller gets the error."""
+        entry = self.output_processor.seq_map.get(seq_id)
+        if entry is None:
+            return
+        request_id = entry[0].request_id
+        self.abort_request(request_id)
+        self._errors[request_id] = error
+
+    def take_errors(self) -> dict[str, Exception]:
+        """The requests that failed since the last call (request id -> the error), for their callers."""
+        errors, self._errors = self._errors, {}
+        return errors
 
     # ---- chat and introspection --------------------------------------------------------------
     def apply_chat_template(

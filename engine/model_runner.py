@@ -121,11 +121,13 @@ class ModelRunner:
                 self._apply_grammar(logits, result.req_ids, out.grammar_bitmask)
             states = [self.states[seqs[i].req_id] for i in sampling]
             tokens, logprobs = self.sampler(logits, states)
-            for state, token in zip(states, tokens):
-                state.output_token_ids.append(token)
             result.sampled_token_ids = tokens
             result.logprobs = logprobs
         self._prompt_logprobs(seqs, hidden, last_index, result)
+        # Only a step that succeeded leaves a trace: a failed one can be re-run (LLMEngine isolates
+        # the request that failed it).
+        for req_id, token in zip(result.req_ids, result.sampled_token_ids):
+            self.states[req_id].output_token_ids.append(token)
         return result
 
     def _apply_grammar(self, logits: torch.Tensor, req_ids: list[str], grammar) -> None:

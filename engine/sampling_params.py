@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import warnings
 from dataclasses import dataclass, field, fields
 
@@ -85,10 +86,16 @@ class SamplingParams:
         def bad(name: str, rule: str) -> ValueError:
             return ValueError(f"SamplingParams.{name} {rule}, got {getattr(self, name)!r}")
 
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(name, "must be a finite number")
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
         if self.best_of is not None and (not isinstance(self.best_of, int) or self.best_of < self.n):
             raise bad("best_of", f"must be an integer >= n ({self.n})")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64 - self.num_samples:
+            raise bad("seed", f"must be in [-2**63, 2**64 - {self.num_samples}] (a 64-bit seed per sample)")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "must be in [-2, 2]")

@@ -75,19 +75,20 @@ class AsyncLLM:
             if not engine.has_unfinished_requests():
                 continue
             try:
-                outputs, error = engine.step(), None
-            except Exception as e:  # a failing step fails the requests in it, not the loop
-                logger.exception("engine step failed; failing its requests")
-                outputs, error = [], e
+                outputs, errors = engine.step(), engine.take_errors()
+            except Exception as e:
+                # The engine fails only the requests that cause a model error (it re-runs the step
+                # without them); anything else that breaks a step fails the requests in flight.
+                logger.exception("engine step failed outside the model; failing the requests in flight")
                 failed = list(engine.output_processor.requests)
                 engine.abort_request(failed)
+                outputs, errors = [], {rid: e for rid in failed}
             with self._lock:
                 deliveries = [(self._streams.get(o.request_id), o) for o in outputs]
                 for out in outputs:
                     if out.finished:
                         self._streams.pop(out.request_id, None)
-                if error is not None:
-                    deliveries += [(self._streams.pop(rid, None), error) for rid in failed]
+                deliveries += [(self._streams.pop(rid, None), error) for rid, error in errors.items()]
             for deliver, item in deliveries:
                 if deliver is not None:
                     deliver(item)
@@ -101,7 +102,10 @@ class AsyncLLM:
         Validation and tokenization happen here, on the caller's thread: bad input raises at once.
         """
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        prepared = self.engine.prepare_request(rid, prompt, params, lora_request=lora_request)
+        return self._enqueue(self.engine.prepare_request(rid, prompt, params, lora_request=lora_request), deliver)
+
+    def _enqueue(self, prepared, deliver: _Deliver) -> str:
+        rid = prepared.state.request_id
         with self._lock:
             if self._dead:
                 raise EngineDeadError("the engine has been shut down")
@@ -111,6 +115,28 @@ class AsyncLLM:
             self._inbox.append(prepared)
             self._work.notify()
         return rid
+
+    async def open_stream(
+        self,
+        prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        lora_request=None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request and return its output stream; bad input raises here.
+
+        Validation and tokenization run on a worker thread, so a huge prompt never stalls the event
+        loop. Iterate the stream to the end, or close it (which aborts the request).
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        prepared = await asyncio.to_thread(
+            self.engine.prepare_request, rid, prompt, sampling_params, lora_request=lora_request
+        )
+        self._enqueue(prepared, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        return self._consume(rid, q, timeout)
 
     async def generate(
         self,
@@ -124,15 +150,14 @@ class AsyncLLM:
 
         With a timeout (seconds), a request still running when it passes is aborted and TimeoutError raised.
         """
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        rid = self.submit(
-            prompt,
-            sampling_params,
-            request_id,
-            lora_request,
-            lambda item: loop.call_soon_threadsafe(q.put_nowait, item),
-        )
+        stream = await self.open_stream(prompt, sampling_params, request_id, lora_request, timeout)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
+    async def _consume(self, rid: str, q: asyncio.Queue, timeout: float | None) -> AsyncIterator[RequestOutput]:
         deadline = None if timeout is None else time.monotonic() + timeout
         finished = False
         try:

@@ -64,6 +64,9 @@ def _serve(args: argparse.Namespace) -> None:
         args.allow_runtime_lora_updating or _env_flag("KVLOOM_ALLOW_RUNTIME_LORA_UPDATING"),
         tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
+        max_request_body_bytes=int(args.max_request_body_mb * 2**20),
+        lora_root=args.lora_root,
+        public_metrics=args.public_metrics,
     )
     for lora in loras:
         print(f"kvloom: LoRA adapter {lora.lora_name!r} (id {lora.lora_int_id}) from {lora.lora_path}", flush=True)
@@ -129,6 +132,15 @@ def main(argv: list[str] | None = None) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help='let the model choose between text and tool calls (tool_choice "auto"); on by default',
+    )
+    srv.add_argument(
+        "--max-request-body-mb", type=float, default=8.0, help="larger request bodies get a 413 (default 8 MiB)"
+    )
+    srv.add_argument(
+        "--lora-root", default=None, help="runtime LoRA loading takes adapter paths under this directory only"
+    )
+    srv.add_argument(
+        "--public-metrics", action="store_true", help="serve /metrics without the API key (for Prometheus scrapers)"
     )
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--max-num-seqs", type=int, default=256)

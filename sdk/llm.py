@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -52,6 +53,10 @@ class LLM:
         self.llm_engine = LLMEngine(args)
         self._counter = itertools.count()
         self._client = None
+        # One thread at a time steps the engine directly; a call from another thread meanwhile
+        # switches this LLM to an engine client (a step loop shared by every caller).
+        self._lock = threading.Condition()
+        self._stepping = False
 
     @property
     def engine_client(self):
@@ -60,11 +65,14 @@ class LLM:
         Once it exists, generate() and chat() submit through it too, so every caller shares one
         step loop and is batched together.
         """
-        if self._client is None:
-            from kvloom.async_llm import AsyncLLM
+        with self._lock:
+            while self._stepping:  # a direct call is stepping the engine: the loop may start after it
+                self._lock.wait()
+            if self._client is None:
+                from kvloom.async_llm import AsyncLLM
 
-            self._client = AsyncLLM(engine=self.llm_engine)
-        return self._client
+                self._client = AsyncLLM(engine=self.llm_engine)
+            return self._client
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -149,21 +157,29 @@ class LLM:
             p if p.output_kind == RequestOutputKind.FINAL_ONLY else p.clone(output_kind=RequestOutputKind.FINAL_ONLY)
             for p in params
         ]
-        if self._client is not None:
+        with self._lock:
+            direct = self._client is None and not self._stepping
+            self._stepping = self._stepping or direct
+        if not direct:
             return self._run_client(prompts, params, loras, use_tqdm)
-        engine = self.llm_engine
-        ids = []
         try:
-            for prompt, p, lora in zip(prompts, params, loras):
-                ids.append(engine.add_request(f"llm-{next(self._counter)}", prompt, p, lora_request=lora))
-        except Exception:
-            engine.abort_request(ids)
-            raise
-        return self._run_engine(ids, use_tqdm)
+            engine = self.llm_engine
+            ids = []
+            try:
+                for prompt, p, lora in zip(prompts, params, loras):
+                    ids.append(engine.add_request(f"llm-{next(self._counter)}", prompt, p, lora_request=lora))
+            except Exception:
+                engine.abort_request(ids)
+                raise
+            return self._run_engine(ids, use_tqdm)
+        finally:
+            with self._lock:
+                self._stepping = False
+                self._lock.notify_all()
 
     def _run_client(self, prompts: list, params: list, loras: list, use_tqdm: bool) -> list[RequestOutput]:
         """Once an engine client owns the step loop, submit through it and wait for the final outputs."""
-        client = self._client
+        client = self.engine_client
         done: queue.SimpleQueue = queue.SimpleQueue()
         ids: list[str] = []
         try:
@@ -193,7 +209,12 @@ class LLM:
         out_tokens = 0
         try:
             while pending:
-                for out in engine.step():
+                outputs = engine.step()
+                errors = engine.take_errors()
+                failed = [rid for rid in ids if rid in errors]
+                if failed:
+                    raise errors[failed[0]]
+                for out in outputs:
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         results[out.request_id] = out

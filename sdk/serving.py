@@ -32,6 +32,9 @@ def serve(
     allow_runtime_lora_updating: bool = False,
     tool_call_parser: str | None = None,
     enable_auto_tool_choice: bool = True,
+    max_request_body_bytes: int | None = None,
+    lora_root: str | None = None,
+    public_metrics: bool = False,
     **engine_args,
 ):
     """Start the server on a background thread of this process; returns a handle with base_url and stop().
@@ -41,6 +44,8 @@ def serve(
     lora_modules ({name: path} or LoRARequests) registers adapters that requests select by model
     name; adapters already registered on the engine are served too. tool_call_parser names the
     tool-call format (vLLM's --tool-call-parser; default: the chat template's, else hermes).
+    Request bodies over max_request_body_bytes (default 8 MiB) get a 413; runtime LoRA loading takes
+    paths under lora_root only, when given; public_metrics serves /metrics without the API key.
     """
     from kvloom.integrations.openai.server import start_server
 
@@ -56,6 +61,9 @@ def serve(
         allow_runtime_lora_updating or _env_flag("KVLOOM_ALLOW_RUNTIME_LORA_UPDATING"),
         tool_call_parser=tool_call_parser,
         enable_auto_tool_choice=enable_auto_tool_choice,
+        lora_root=lora_root,
+        public_metrics=public_metrics,
+        **({"max_request_body_bytes": max_request_body_bytes} if max_request_body_bytes else {}),
     )
 
 

@@ -28,6 +28,13 @@ class GrammarBitmask:
     req_ids: list[str]
     bitmask: torch.Tensor
 
+    def only(self, req_id: str) -> GrammarBitmask | None:
+        """The row of one request (None if it is not constrained)."""
+        if req_id not in self.req_ids:
+            return None
+        row = self.req_ids.index(req_id)
+        return GrammarBitmask([req_id], self.bitmask[row : row + 1])
+
 
 @dataclass
 class StructuredOutputStats:

@@ -222,6 +222,19 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None 
     return out
 
 
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape (what every 4xx and 5xx of this server carries)."""
+
+    error: ErrorInfo
+
+
 def error_body(message: str, status: int, err_type: str = "BadRequestError", param: str | None = None) -> dict:
     return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
 

@@ -44,8 +44,12 @@ def start_server(
     allow_runtime_lora_updating: bool = False,
     tool_call_parser: str | None = None,
     enable_auto_tool_choice: bool = True,
+    **app_options,
 ) -> ServerHandle:
-    """Serve `client` on a background thread; port 0 picks a free port. Returns once it accepts."""
+    """Serve `client` on a background thread; port 0 picks a free port. Returns once it accepts.
+
+    app_options go to build_app (max_request_body_bytes, lora_root, public_metrics).
+    """
     names = [served_model_name] if isinstance(served_model_name, str) else served_model_name
     app = build_app(
         client,
@@ -56,6 +60,7 @@ def start_server(
         allow_runtime_lora_updating=allow_runtime_lora_updating,
         tool_call_parser=tool_call_parser,
         enable_auto_tool_choice=enable_auto_tool_choice,
+        **app_options,
     )
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)

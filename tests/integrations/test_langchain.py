@@ -361,27 +361,33 @@ def test_errors_surface_and_the_adapter_stays_usable(fields, engine):
     assert llm.invoke(PROMPT) == direct(engine, PROMPT).outputs[0].text
 
 
-def test_a_failing_engine_step_raises_in_the_caller(fields, engine):
+def test_a_request_that_fails_the_engine_step_raises_in_its_caller_only(fields, engine):
     runner = engine.engine.runner
-    patched = threading.Event()
+    real = runner.execute_model
 
-    def fail_once(*args, **kwargs):
-        del runner.execute_model  # back to the real method for the next step
-        raise RuntimeError("injected step failure")
+    def fail_seed_666(out):
+        # A model error caused by one request: every step that computes it raises.
+        if any(runner.states.get(s.req_id) and runner.states[s.req_id].params.seed == 666 for s in out.seqs) or any(
+            n.sampling_params.seed == 666 for n in out.new_requests
+        ):
+            raise RuntimeError("injected model failure")
+        return real(out)
 
     chat = ChatVLLM(**fields)
-    # The engine waits at its third step until the failure is in place, so the stream is still running.
-    with record_steps(engine.engine, hold=lambda i: patched.wait(10) if i >= 2 else None):
-        stream = chat.stream("Hello")
-        first = next(stream)
-        runner.execute_model = fail_once
-        patched.set()
-        with pytest.raises(RuntimeError, match="injected step failure"):
-            list(stream)
-    assert isinstance(first, AIMessageChunk)
-    runner.execute_model = fail_once
-    with pytest.raises(RuntimeError, match="injected step failure"):
-        VLLM(**fields).invoke(PROMPT)
+    runner.execute_model = fail_seed_666
+    try:
+
+        async def both():
+            good = asyncio.ensure_future(chat.ainvoke("Hello"))
+            with pytest.raises(RuntimeError, match="injected model failure"):
+                await chat.ainvoke("Hello", seed=666)
+            return await good
+
+        assert asyncio.run(both()).content == direct(engine, chat_ids(engine, "Hello")).outputs[0].text
+        with pytest.raises(RuntimeError, match="injected model failure"):
+            VLLM(**fields).invoke(PROMPT, seed=666)
+    finally:
+        runner.execute_model = real
     wait_idle(engine.engine)
     assert_all_blocks_free(engine.engine)
     assert chat.invoke("Hello").content == direct(engine, chat_ids(engine, "Hello")).outputs[0].text

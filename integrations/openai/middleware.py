@@ -1,0 +1,73 @@
+"""What every request passes before the routes: the API key and the body-size limit (pure ASGI).
+
+A pure ASGI middleware, not Starlette's `@app.middleware("http")`: that wrapper hides the client's
+disconnect from the route, so a non-streamed request whose client went away would run on.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from kvloom.integrations.openai.protocol import error_body
+
+# Paths anyone may call even when an API key is set: liveness probes and the version.
+PUBLIC_PATHS = frozenset({"/health", "/version", "/ping"})
+
+
+class GuardMiddleware:
+    """Refuses a request without the API key (401) or with a body over max_body_bytes (413)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, public_paths: frozenset[str] = PUBLIC_PATHS):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.public_paths = public_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope["path"] not in self.public_paths:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key):
+                return await _reply(send, 401, "invalid or missing API key", "AuthenticationError")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await _reply(send, 413, self._too_large(), "RequestTooLarge")
+        limit, seen = self.max_body_bytes, 0
+        started = False
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _reply(send, 413, self._too_large(), "RequestTooLarge")
+
+    def _too_large(self) -> str:
+        return f"the request body is larger than the server's limit of {self.max_body_bytes} bytes"
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _reply(send, status: int, message: str, err_type: str) -> None:
+    body = json.dumps(error_body(message, status, err_type)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
