@@ -197,7 +197,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.encode(prompt)
         if isinstance(prompt, (list, tuple)):
             ids = list(prompt)
             vocab = self.arch.vocab_size
@@ -446,7 +446,15 @@ class LLMEngine:
             chat_template=chat_template,
             **kwargs,
         )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode(text, add_special_tokens=False)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text; text that is not valid Unicode (a lone surrogate) is a ValueError."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text cannot be tokenized: {e.reason} at position {e.start}") from None
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def get_tokenizer(self):
         return self.tokenizer

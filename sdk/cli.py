@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--seed", type=int, default=0)
     srv.set_defaults(func=_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks: throughput, prefix, serve, lora, structured")
-    bench.add_argument("which", choices=["throughput", "prefix", "serve", "lora", "structured"])
+    bench = sub.add_parser("bench", help="benchmarks: throughput, prefix, serve, lora, structured, soak")
+    bench.add_argument("which", choices=["throughput", "prefix", "serve", "lora", "structured", "soak"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)

@@ -207,3 +207,24 @@ def add_test_adapters(engine, base_dir: str, root, seed: int) -> dict[str, str]:
     for lora_id, (name, path) in enumerate(paths.items(), 1):
         engine.add_lora(LoRARequest(name, lora_id, path))
     return paths
+
+
+# ---- the reliability suite's live server ---------------------------------------------------------
+RELIABILITY_KEY = "reliability-key"
+RELIABILITY_MODEL = "tiny"
+
+
+def assert_openai_error(r, status: int) -> dict:
+    """r is an error response in OpenAI's shape with this status; returns its `error` object."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and error["code"] == status
+    return error
+
+
+def normal_request_works(http) -> None:
+    """A plain completion through an httpx client of the reliability server still succeeds."""
+    body = {"model": RELIABILITY_MODEL, "prompt": "Hello", "max_tokens": 3, "ignore_eos": True}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3

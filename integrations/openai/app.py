@@ -123,12 +123,6 @@ def build_app(
         # Raised when the engine refuses a request (e.g. an adapter that cannot be loaded).
         return JSONResponse(error_body(str(exc), 400, "BadRequestError"), 400)
 
-    @app.exception_handler(Exception)
-    async def on_error(request: Request, exc: Exception):
-        # The engine failed on this request (others go on): a 500 in OpenAI's shape, never plain text.
-        logger.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        return JSONResponse(error_body(f"{type(exc).__name__}: {exc}", 500, "InternalServerError"), 500)
-
     def check_model(name: str | None) -> str:
         return ctx.resolve_model(name)[0]
 

@@ -93,9 +93,9 @@ class ServerContext:
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a text, off the event loop (a long prompt takes a while)."""
         try:
-            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
-        except (UnicodeError, ValueError, TypeError) as e:
-            raise APIError(f"the prompt cannot be tokenized: {e}", param="prompt") from None
+            return await asyncio.to_thread(self.client.engine.encode, text, add_special_tokens=add_special_tokens)
+        except ValueError as e:
+            raise APIError(str(e), param="prompt") from None
 
     def check_token_ids(self, ids: list[int], param: str) -> list[int]:
         vocab = len(self.tokenizer)

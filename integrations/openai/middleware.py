@@ -1,4 +1,4 @@
-"""What every request passes before the routes: the API key and the body-size limit (pure ASGI).
+"""What every request passes before the routes: the API key, the body-size limit, and a last-resort 500.
 
 A pure ASGI middleware, not Starlette's `@app.middleware("http")`: that wrapper hides the client's
 disconnect from the route, so a non-streamed request whose client went away would run on.
@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 
 from kvloom.integrations.openai.protocol import error_body
+
+logger = logging.getLogger("kvloom.integrations.openai")
 
 # Paths anyone may call even when an API key is set: liveness probes and the version.
 PUBLIC_PATHS = frozenset({"/health", "/version", "/ping"})
 
 
 class GuardMiddleware:
-    """Refuses a request without the API key (401) or with a body over max_body_bytes (413)."""
+    """Refuses a request without the API key (401) or with a body over max_body_bytes (413); turns an
+    unexpected exception into a 500 in OpenAI's shape."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int, public_paths: frozenset[str] = PUBLIC_PATHS):
         self.app = app
@@ -35,35 +39,45 @@ class GuardMiddleware:
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return await _reply(send, 413, self._too_large(), "RequestTooLarge")
-        limit, seen = self.max_body_bytes, 0
-        started = False
+        limit, seen, too_large = self.max_body_bytes, 0, False
 
         async def counting_receive():
-            nonlocal seen
+            # Past the limit the app is told the client left, and its answer is replaced by a 413.
+            nonlocal seen, too_large
+            if too_large:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _BodyTooLarge
+                    too_large = True
+                    return {"type": "http.disconnect"}
             return message
 
-        async def tracking_send(message):
+        started = False
+
+        async def guarded_send(message):
             nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+            if not too_large:
+                started = started or message["type"] == "http.response.start"
+                await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await _reply(send, 413, self._too_large(), "RequestTooLarge")
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception as exc:
+            if too_large:
+                pass
+            elif started:
+                raise
+            else:
+                # The engine failed on this request (others go on): a 500 in OpenAI's shape, not plain text.
+                logger.error("%s %s failed: %s: %s", scope.get("method"), scope["path"], type(exc).__name__, exc)
+                return await _reply(send, 500, f"{type(exc).__name__}: {exc}", "InternalServerError")
+        if too_large:
+            await _reply(send, 413, self._too_large(), "RequestTooLarge")
 
     def _too_large(self) -> str:
         return f"the request body is larger than the server's limit of {self.max_body_bytes} bytes"
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 async def _reply(send, status: int, message: str, err_type: str) -> None:
