@@ -116,3 +116,13 @@ def test_api_key_guards_everything_but_health_and_version(server):
             assert_openai_error(r, 401)
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/version").status_code == 200
+
+
+def test_openapi_lists_the_errors_and_the_event_stream(http):
+    doc = http.get("/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert {"400", "401", "404", "413", "500"} <= set(responses)
+        assert "text/event-stream" in responses["200"]["content"]
+        assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+    assert {"400", "401"} <= set(doc["paths"]["/tokenize"]["post"]["responses"])
