@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from kvloom import LoRARequest, RequestOutput, RequestOutputKind, SamplingParams
+from kvloom.async_llm import blocking_outputs
 from kvloom.chat_utils import ChatPrompt
 from kvloom.engine.outputs import CompletionOutput, Logprob
 from kvloom.engine.structured_output import StructuredOutputsParams
@@ -139,21 +140,7 @@ class RemoteEngineClient:
     def stream(self, prompt, sampling_params=None, request_id=None, lora_request=None, timeout=None) -> Iterator:
         q: queue.SimpleQueue = queue.SimpleQueue()
         rid = self.submit(prompt, sampling_params, request_id, lora_request, q.put)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        finished = False
-        try:
-            while not finished:
-                try:
-                    item = q.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    raise TimeoutError(f"request {rid} did not finish within its timeout of {timeout} s") from None
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(rid)
+        return blocking_outputs(q, rid, timeout, self.abort)
 
     async def generate(
         self, prompt, sampling_params=None, request_id=None, lora_request=None, timeout=None

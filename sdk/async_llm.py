@@ -30,6 +30,26 @@ class EngineDeadError(RuntimeError):
     """The engine was shut down; no request can be served."""
 
 
+def blocking_outputs(q: queue.SimpleQueue, rid: str, timeout: float | None, abort) -> Iterator[RequestOutput]:
+    """The outputs a request's deliver callback puts on q, until the last (or its exception, or the
+    timeout); a consumer that stops early, or a timeout, aborts the request."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    finished = False
+    try:
+        while not finished:
+            try:
+                item = q.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                raise _timed_out(rid, timeout) from None
+            if isinstance(item, BaseException):
+                raise item
+            finished = item.finished
+            yield item
+    finally:
+        if not finished:
+            abort(rid)
+
+
 def _timed_out(request_id: str, timeout: float) -> TimeoutError:
     return TimeoutError(f"request {request_id} did not finish within its timeout of {timeout} s and was aborted")
 
@@ -188,21 +208,7 @@ class AsyncLLM:
         """The blocking form of generate(), for callers without an event loop."""
         q: queue.SimpleQueue = queue.SimpleQueue()
         rid = self.submit(prompt, sampling_params, request_id, lora_request, q.put)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        finished = False
-        try:
-            while not finished:
-                try:
-                    item = q.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    raise _timed_out(rid, timeout) from None
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(rid)
+        return blocking_outputs(q, rid, timeout, self.abort)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; unknown or finished ids are ignored."""
