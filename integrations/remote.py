@@ -23,7 +23,7 @@ import httpx
 
 from kvloom import LoRARequest, RequestOutput, RequestOutputKind, SamplingParams
 from kvloom.async_llm import blocking_outputs
-from kvloom.chat_utils import ChatPrompt
+from kvloom.chat_utils import ChatPrompt, FirstCallOnly
 from kvloom.engine.outputs import CompletionOutput, Logprob
 from kvloom.engine.structured_output import StructuredOutputsParams
 from kvloom.tool_parsers import NamedToolParser, RequiredToolParser, ToolParserManager
@@ -314,7 +314,8 @@ def _parser(spec: dict | None, tools: list[dict]):
         return RequiredToolParser(tools)
     if spec["name"] == "named":
         return NamedToolParser(tools, spec["function"])
-    return ToolParserManager.get_tool_parser(spec["name"])(tools)
+    parser = ToolParserManager.get_tool_parser(spec["name"])(tools)
+    return FirstCallOnly(parser) if spec.get("first_call_only") else parser
 
 
 def _raise_for(r: httpx.Response) -> None:

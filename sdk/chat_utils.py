@@ -17,7 +17,15 @@ from typing import Any
 import jinja2
 
 from kvloom.engine.structured_output import StructuredOutputsParams
-from kvloom.tool_parsers import NamedToolParser, RequiredToolParser, ToolParser, ToolParserManager, parser_for_template
+from kvloom.tool_parsers import (
+    ExtractedToolCalls,
+    NamedToolParser,
+    RequiredToolParser,
+    ToolParser,
+    ToolParserManager,
+    ToolStream,
+    parser_for_template,
+)
 
 _ROLES = {"system", "user", "assistant", "tool", "function", "developer"}
 # Arguments render_chat sets itself; a client passing them in chat_template_kwargs would break it.
@@ -135,6 +143,9 @@ def render_chat(
         )
     else:
         constraint, parser = None, fmt
+        if not parallel_tool_calls:
+            # No grammar can stop a second call in this format: the parser keeps the first one only.
+            parser = FirstCallOnly(fmt)
     return ChatPrompt(ids, constraint, parser, False if parser.needs_special_tokens else None)
 
 
@@ -171,6 +182,41 @@ def response_format_constraint(fmt: dict[str, Any]) -> StructuredOutputsParams |
         }
         return StructuredOutputsParams(structural_tag=tag)
     raise ValueError(f"response_format.type must be text, json_object, json_schema or structural_tag, got {kind!r}")
+
+
+class FirstCallOnly(ToolParser):
+    """A parser whose results keep only the first tool call (parallel_tool_calls=False without a grammar)."""
+
+    def __init__(self, inner: ToolParser) -> None:
+        super().__init__(inner.tools)
+        self.inner = inner
+        self.name = inner.name
+        self.needs_special_tokens = inner.needs_special_tokens
+
+    def extract_tool_calls(self, text: str) -> ExtractedToolCalls:
+        extracted = self.inner.extract_tool_calls(text)
+        return ExtractedToolCalls(extracted.content, extracted.tool_calls[:1])
+
+    def stream(self) -> ToolStream:
+        return _FirstCallStream(self.inner.stream())
+
+
+class _FirstCallStream(ToolStream):
+    def __init__(self, inner: ToolStream) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def feed(self, delta_text: str):
+        content, deltas = self.inner.feed(delta_text)
+        return content, [d for d in deltas if d.index == 0]
+
+    def finish(self):
+        content, deltas = self.inner.finish()
+        return content, [d for d in deltas if d.index == 0]
+
+    @property
+    def tool_calls(self):
+        return self.inner.tool_calls[:1]
 
 
 def validate_tools(tools: list[dict] | None) -> list[dict]:

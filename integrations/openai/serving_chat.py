@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from kvloom.chat_utils import ChatPrompt
+from kvloom.chat_utils import ChatPrompt, FirstCallOnly
 from kvloom.integrations.openai.context import APIError, ServerContext
 from kvloom.integrations.openai.protocol import ChatCompletionRequest, new_id, now, usage
 from kvloom.integrations.openai.streams import chat_logprobs, collect, merge, run_until_disconnected, sse
@@ -125,6 +125,8 @@ def chat_prompt_extras(rendered: ChatPrompt) -> dict:
         parser_spec = {"name": parser.name}
         if isinstance(parser, NamedToolParser):
             parser_spec["function"] = parser.function_name
+        if isinstance(parser, FirstCallOnly):
+            parser_spec["first_call_only"] = True
     return {
         "structured_outputs": None if constraint is None else constraint.to_dict(),
         "tool_parser": parser_spec,
