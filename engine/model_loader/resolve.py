@@ -151,8 +151,11 @@ def _fetch_default_gguf(tmp: Path) -> Path:
 
 
 def _convert_gguf(gguf: Path, target: Path, source: str, need_template: bool) -> None:
-    """Dequantise a GGUF into float32 safetensors + config + tokenizer at `target`, atomically."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Dequantise a GGUF into float32 safetensors + config + tokenizer at `target`, atomically.
+
+    Every transformers call here reads local files only (local_files_only=True): the hub is never asked,
+    and the process's environment (HF_HUB_OFFLINE and the like) is left as the application set it.
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -162,7 +165,7 @@ def _convert_gguf(gguf: Path, target: Path, source: str, need_template: bool) ->
 
     start = time.perf_counter()
     logger.info("[3/4] converting %s to float32 safetensors", gguf.name)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     with torch.device("meta"):  # only the parameter names are needed, not initialised weights
         skeleton = AutoModelForCausalLM.from_config(config)
     config.architectures = [type(skeleton).__name__]
@@ -173,7 +176,7 @@ def _convert_gguf(gguf: Path, target: Path, source: str, need_template: bool) ->
         missing.discard("lm_head.weight")
     if missing:
         raise RuntimeError(f"{gguf} lacks weights {config.architectures[0]} needs: {sorted(missing)[:8]}")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     if not tokenizer.chat_template:
         tokenizer.chat_template = _gguf_chat_template(gguf)
 
@@ -239,7 +242,7 @@ def _finish_tokenizer(model_dir: Path, template: str | None, max_len: int | None
     if template:
         cfg["chat_template"] = template
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    if AutoTokenizer.from_pretrained(model_dir).chat_template:
+    if AutoTokenizer.from_pretrained(model_dir, local_files_only=True).chat_template:
         return
     if need_template:
         raise RuntimeError(f"the converted tokenizer in {model_dir} has no chat template")
