@@ -26,13 +26,21 @@ IGNORED_VLLM_ARGS = frozenset(
         "disable_log_stats",
         "quantization",
         "load_format",
-        "worker_use_ray",
-        "distributed_executor_backend",
-        "pipeline_parallel_size",
         "kv_cache_dtype",
         "enable_lora_bias",
     }
 )
+
+
+# Parallel options kvloom does not implement: accepted only at their single-process default, so
+# that a request for them never silently runs as one process.
+UNSUPPORTED_PARALLEL_ARGS = {
+    "pipeline_parallel_size": 1,
+    "data_parallel_size": 1,
+    "data_parallel_size_local": None,
+    "worker_use_ray": False,
+    "enable_expert_parallel": False,
+}
 
 
 @dataclass
@@ -54,6 +62,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
+    # None: in-process for one rank, "mp" (a process per rank) for more; "external_launcher" for torchrun.
+    distributed_executor_backend: str | None = None
     device: str = "auto"
     download_dir: str | None = None
     enable_lora: bool = False
@@ -69,7 +79,15 @@ class EngineArgs:
     def from_kwargs(cls, **kwargs) -> EngineArgs:
         """Build from keyword arguments, dropping known no-op vLLM arguments; unknown names fail."""
         known = cls.field_names()
-        unknown = sorted(k for k in kwargs if k not in known and k not in IGNORED_VLLM_ARGS)
+        for name, default in UNSUPPORTED_PARALLEL_ARGS.items():
+            if name in kwargs and kwargs[name] not in (default, None):
+                raise ValueError(
+                    f"{name}={kwargs[name]!r} is not supported: kvloom runs tensor parallelism only "
+                    "(tensor_parallel_size); leave it at its default"
+                )
+        unknown = sorted(
+            k for k in kwargs if k not in known and k not in IGNORED_VLLM_ARGS and k not in UNSUPPORTED_PARALLEL_ARGS
+        )
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
         return cls(**{k: v for k, v in kwargs.items() if k in known})

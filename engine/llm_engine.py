@@ -1,42 +1,42 @@
-"""LLMEngine: input processing, the step loop (schedule -> execute -> update) and output processing."""
+"""LLMEngine: the front end (input processing, output processing) over an EngineCore.
+
+Input processing (validate, template, tokenize, compile a grammar request) runs on the caller's
+thread in `prepare_request`; the engine core (kvloom.engine.core) schedules and runs steps on its
+executor's workers; output processing turns each step's EngineCoreOutputs into RequestOutputs.
+"""
 
 from __future__ import annotations
 
 import itertools
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 
 from kvloom.engine.arg_utils import EngineArgs
-from kvloom.engine.config import CacheConfig, ModelConfig, SchedulerConfig
+from kvloom.engine.config import CacheConfig, ModelConfig
+from kvloom.engine.core import EngineCore
 from kvloom.engine.detokenizer import IncrementalDetokenizer
-from kvloom.engine.kv_cache.manager import KVCacheManager
-from kvloom.engine.lora.adapter import LoRAAdapter
+from kvloom.engine.executor import build_executor
+from kvloom.engine.log import configure_default_logging
+from kvloom.engine.lora.adapter import LoRAAdapter, lora_shapes
 from kvloom.engine.lora.manager import LoRAManager
 from kvloom.engine.lora.request import LoRARequest
 from kvloom.engine.model_loader.resolve import resolve_model
-from kvloom.engine.model_runner import ModelRunner
 from kvloom.engine.models.arch import ArchConfig
 from kvloom.engine.output_processor import OutputProcessor, RequestState, SequenceState
 from kvloom.engine.outputs import RequestMetrics, RequestOutput
 from kvloom.engine.request import Request, RequestStatus
 from kvloom.engine.sampling_params import SamplingParams
-from kvloom.engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
-from kvloom.engine.scheduler.scheduler import Scheduler
-from kvloom.engine.stats import EngineStats
 from kvloom.engine.structured_output.manager import StructuredOutputManager
 from kvloom.engine.structured_output.request import StructuredOutputRequest
+from kvloom.engine.worker import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_CPU_KV_GB = 4.0
-_DEFAULT_BATCHED_TOKENS = 2048
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,12 +47,14 @@ class PreparedRequest:
     state: RequestState
     requests: list[Request]
     adapter: LoRAAdapter | None = None
+    lora_request: LoRARequest | None = None
 
 
 class LLMEngine:
     """One model, one KV cache, one scheduler; callers add requests and drive `step()`."""
 
     def __init__(self, args: EngineArgs) -> None:
+        configure_default_logging()
         t0 = time.perf_counter()
         self.args = args
         model_cfg = ModelConfig(
@@ -65,28 +67,6 @@ class LLMEngine:
             device=args.device,
             download_dir=args.download_dir,
         )
-        if args.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not available yet; use tensor_parallel_size=1")
-        self.model_dir = resolve_model(model_cfg.model, args.download_dir)
-        hf_config = json.loads((Path(self.model_dir) / "config.json").read_text())
-        self.arch = ArchConfig.from_hf_config(hf_config)
-        self.device = _pick_device(model_cfg.device)
-        self.dtype = _pick_dtype(model_cfg.dtype, self.arch, self.device)
-        self.tokenizer = _load_tokenizer(model_cfg.tokenizer or self.model_dir)
-        self.model_name = args.model or "smollm2-135m-instruct"
-
-        self.runner = ModelRunner(self.arch, self.model_dir, self.dtype, self.device, args.block_size, args.seed)
-        self.lora_manager: LoRAManager | None = None
-        if args.enable_lora:
-            self.lora_manager = LoRAManager(
-                self.runner.model,
-                args.max_loras,
-                args.max_lora_rank,
-                args.max_cpu_loras,
-                self.dtype,
-                self.runner.kernels,
-            )
-            self.runner.lora_manager = self.lora_manager
         cache_cfg = CacheConfig(
             block_size=args.block_size,
             kv_cache_memory_gb=args.kv_cache_memory_gb,
@@ -94,49 +74,92 @@ class LLMEngine:
             enable_prefix_caching=args.enable_prefix_caching,
             num_gpu_blocks_override=args.num_gpu_blocks_override,
         )
-        num_blocks = self._num_kv_blocks(cache_cfg)
-        self.runner.allocate_kv_cache(num_blocks)
-        self.max_model_len = self._max_model_len(model_cfg.max_model_len, num_blocks, args.block_size)
-        batched = args.max_num_batched_tokens or max(
-            _DEFAULT_BATCHED_TOKENS, 0 if args.enable_chunked_prefill else self.max_model_len
+        if not isinstance(args.tensor_parallel_size, int) or args.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {args.tensor_parallel_size!r}")
+        self.model_dir = resolve_model(model_cfg.model, args.download_dir)
+        hf_config = json.loads((Path(self.model_dir) / "config.json").read_text())
+        self.arch = ArchConfig.from_hf_config(hf_config)
+        self.device = _pick_device(model_cfg.device)
+        self.dtype = _pick_dtype(model_cfg.dtype, self.arch, self.device)
+        self.tokenizer = _load_tokenizer(model_cfg.tokenizer or self.model_dir)
+        self.model_name = args.model or "smollm2-135m-instruct"
+        # Every rank runs the same requests in lockstep under torchrun: nothing may depend on timing.
+        self.lockstep = args.distributed_executor_backend == "external_launcher"
+
+        self.lora_manager: LoRAManager | None = None
+        max_cpu_loras = args.max_cpu_loras if args.max_cpu_loras is not None else args.max_loras
+        if args.enable_lora:
+            self.lora_manager = LoRAManager(
+                lora_shapes(self.arch),
+                self.arch.num_layers,
+                args.max_loras,
+                args.max_lora_rank,
+                max_cpu_loras,
+                self.dtype,
+            )
+        worker_cfg = WorkerConfig(
+            self.arch,
+            self.model_dir,
+            self.dtype,
+            str(self.device),
+            args.block_size,
+            args.seed,
+            args.enable_lora,
+            args.max_loras,
+            args.max_lora_rank,
+            max_cpu_loras,
         )
-        self.scheduler_config = SchedulerConfig(
-            args.max_num_seqs,
-            batched,
-            self.max_model_len,
-            args.enable_chunked_prefill,
-            args.max_loras if args.enable_lora else 0,
+        executor = build_executor(
+            args.distributed_executor_backend,
+            args.tensor_parallel_size,
+            worker_cfg,
+            self.lora_manager.cached if self.lora_manager is not None else None,
         )
-        self.kv_cache_manager = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self._eos_token_id, self._extra_eos = _eos_ids(self.tokenizer, self.arch, self.model_dir)
         stop_ids = [t for t in (self._eos_token_id, *self._extra_eos) if t is not None]
         self.structured_output = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, stop_ids)
-        self.scheduler = Scheduler(
-            self.scheduler_config,
-            self.kv_cache_manager,
-            self.lora_manager.release if self.lora_manager is not None else None,
-            self.structured_output,
-        )
+        try:
+            self.core = EngineCore(
+                self.arch,
+                executor,
+                cache_cfg,
+                model_cfg.max_model_len,
+                args.max_num_seqs,
+                args.max_num_batched_tokens,
+                args.enable_chunked_prefill,
+                args.max_loras if args.enable_lora else 0,
+                self.structured_output,
+                self.lora_manager.release if self.lora_manager is not None else None,
+            )
+        except BaseException:
+            executor.shutdown()
+            self.structured_output.shutdown()
+            raise
+        if self.lora_manager is not None:
+            self.lora_manager.on_drop = self.core.lora_dropped
+        self.max_model_len = self.core.max_model_len
+        self.scheduler_config = self.core.scheduler_config
         self.output_processor = OutputProcessor(self.tokenizer)
         self._errors: dict[str, Exception] = {}
-        self.stats = EngineStats()
         self._ids = itertools.count()
         self.startup_seconds = time.perf_counter() - t0
 
-        per_block_mb = self.runner.kv_bytes_per_block() / 2**20
+        num_blocks, block_size = self.core.num_blocks, args.block_size
+        per_block_mb = executor.kv_bytes_per_block() / 2**20
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d token slots (%.2f GiB); max_model_len %d; "
+            "KV cache: %d blocks x %d tokens = %d token slots (%.2f GiB per rank); max_model_len %d; "
             "max concurrency at max_model_len: %.2fx; max_num_seqs %d, max_num_batched_tokens %d, "
-            "prefix caching %s; ready in %.1f s",
+            "prefix caching %s; executor: %s; ready in %.1f s",
             num_blocks - 1,
-            args.block_size,
-            (num_blocks - 1) * args.block_size,
+            block_size,
+            (num_blocks - 1) * block_size,
             num_blocks * per_block_mb / 1024,
             self.max_model_len,
-            (num_blocks - 1) * args.block_size / self.max_model_len,
+            (num_blocks - 1) * block_size / self.max_model_len,
             args.max_num_seqs,
-            batched,
+            self.scheduler_config.max_num_batched_tokens,
             "on" if args.enable_prefix_caching else "off",
+            executor.describe(),
             self.startup_seconds,
         )
 
@@ -144,45 +167,22 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
 
-    # ---- sizing ------------------------------------------------------------------------------
-    def _num_kv_blocks(self, cfg: CacheConfig) -> int:
-        if cfg.num_gpu_blocks_override is not None:
-            return cfg.num_gpu_blocks_override
-        per_block = self.runner.kv_bytes_per_block()
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            peak = self.runner.profile_peak_memory(max(_DEFAULT_BATCHED_TOKENS, self.args.max_num_batched_tokens or 0))
-            budget = total * cfg.gpu_memory_utilization - peak
-            source = f"gpu_memory_utilization={cfg.gpu_memory_utilization} after a {peak / 2**30:.2f} GiB peak"
-        elif cfg.kv_cache_memory_gb is not None:
-            budget = cfg.kv_cache_memory_gb * 2**30
-            source = f"kv_cache_memory_gb={cfg.kv_cache_memory_gb}"
-        else:
-            budget = min(_DEFAULT_CPU_KV_GB * 2**30, 0.4 * psutil.virtual_memory().available)
-            source = f"default min({_DEFAULT_CPU_KV_GB} GiB, 40% of available memory)"
-        num_blocks = int(budget // per_block)
-        if num_blocks < 2:
-            raise ValueError(f"the KV cache budget ({source}) holds {num_blocks} blocks; at least 2 are needed")
-        logger.info("KV cache budget: %.2f GiB from %s", budget / 2**30, source)
-        return num_blocks
+    # The core's parts, read by metrics and tests.
+    @property
+    def scheduler(self):
+        return self.core.scheduler
 
-    def _max_model_len(self, requested: int | None, num_blocks: int, block_size: int) -> int:
-        capacity = (num_blocks - 1) * block_size
-        if requested is not None:
-            if requested > self.arch.max_position:
-                raise ValueError(
-                    f"max_model_len ({requested}) exceeds the model's max_position_embeddings "
-                    f"({self.arch.max_position})"
-                )
-            if requested > capacity:
-                raise ValueError(
-                    f"max_model_len ({requested}) does not fit in the KV cache ({capacity} token "
-                    "slots); raise kv_cache_memory_gb or lower max_model_len"
-                )
-            return requested
-        if self.arch.max_position > capacity:
-            logger.info("max_model_len lowered from %d to %d to fit the KV cache", self.arch.max_position, capacity)
-        return min(self.arch.max_position, capacity)
+    @property
+    def kv_cache_manager(self):
+        return self.core.kv_cache_manager
+
+    @property
+    def stats(self):
+        return self.core.stats
+
+    @property
+    def executor(self):
+        return self.core.executor
 
     # ---- requests ----------------------------------------------------------------------------
     def process_prompt(self, prompt) -> tuple[str | None, list[int]]:
@@ -224,8 +224,7 @@ class LLMEngine:
         if prepared.adapter is not None:
             self.lora_manager.acquire(prepared.adapter, len(prepared.requests))
         self.output_processor.add_request(prepared.state, [r.request_id for r in prepared.requests])
-        for r in prepared.requests:
-            self.scheduler.add_request(r)
+        self.core.add_requests(prepared.requests, prepared.lora_request)
         return prepared.state.request_id
 
     def prepare_request(
@@ -268,19 +267,21 @@ class LLMEngine:
         compiled = self.structured_output.compile(constraint) if constraint is not None else None
         num = params.num_samples
         seqs, requests = [], []
+        if compiled is not None and self.lockstep:
+            compiled.result()  # compile now: a grammar ready on one rank and not another would split the ranks
         for i in range(num):
-            child = (
-                params
-                if num == 1
-                else params.clone(
+            if num == 1:
+                # A copy: the engine adds to its stop ids, and the caller may reuse its params.
+                child = params.clone() if self._extra_eos and not params.ignore_eos else params
+            else:
+                child = params.clone(
                     n=1,
                     best_of=None,
                     seed=None if params.seed is None else params.seed + i,
                     logprobs=params.logprobs if params.logprobs is not None or not params.best_of else 0,
                 )
-            )
             if not child.ignore_eos and self._extra_eos:
-                child._all_stop_token_ids |= self._extra_eos
+                child._all_stop_token_ids = child._all_stop_token_ids | self._extra_eos
             seq_id = request_id if num == 1 else f"{request_id}#{i}"
             requests.append(
                 Request(
@@ -301,7 +302,8 @@ class LLMEngine:
                 )
             seqs.append(SequenceState(i, child, detok, logprobs=[] if params.logprobs is not None else None))
         state = RequestState(request_id, text, ids, params, seqs, RequestMetrics(arrival), lora_request)
-        return PreparedRequest(state, requests, adapter)
+        core_lora = LoRARequest(adapter.name, adapter.lora_int_id, adapter.path) if adapter is not None else None
+        return PreparedRequest(state, requests, adapter, core_lora)
 
     # ---- LoRA adapters -------------------------------------------------------------------------
     def _load_lora(self, lora_request) -> LoRAAdapter | None:
@@ -341,7 +343,7 @@ class LLMEngine:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         for rid in ids:
             _, seq_ids = self.output_processor.abort(rid)
-            self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+            self.core.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -352,63 +354,12 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step and return the outputs it produced."""
-        sched_out = self.scheduler.schedule()
-        if sched_out.is_empty and self.scheduler.waiting:
-            # Requests wait only for a grammar still compiling: wait a little for it, don't spin.
-            self.structured_output.wait_for_compiles(timeout=0.02)
-        try:
-            result, failed = self.runner.execute_model(sched_out), {}
-        except Exception as error:
-            result, failed = self._isolate_failure(sched_out, error)
-        updated = self.scheduler.update(sched_out, result)
-        outputs, stopped = self.output_processor.process(updated, result)
-        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        for seq_id, error in failed.items():
+        core_out = self.core.step()
+        outputs, stopped = self.output_processor.process(core_out)
+        self.core.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        for seq_id, error in core_out.failed.items():
             self._fail_sequence(seq_id, error)
-        self.stats.record_step(sched_out, len(result.sampled_token_ids), self.scheduler.num_preemptions)
-        kv = self.kv_cache_manager
-        self.stats.record_kv(
-            kv.num_used_blocks * kv.block_size, kv.num_unfilled_slots(self.scheduler.running), kv.usage
-        )
         return outputs
-
-    def _isolate_failure(self, out: SchedulerOutput, error: Exception) -> tuple[ModelRunnerOutput, dict]:
-        """Re-run a step that raised one sequence at a time: those that fail alone are failed, the rest go on.
-
-        The runner keeps nothing of a failed step (sampled tokens are recorded only on success), and
-        re-written KV slots get the same values, so the re-runs continue exactly where the step was.
-        """
-        logger.warning(
-            "an engine step of %d sequences failed (%s: %s); re-running them one at a time to find the cause",
-            len(out.seqs),
-            type(error).__name__,
-            error,
-        )
-        new = {n.req_id: n for n in out.new_requests}
-        merged = ModelRunnerOutput()
-        logprobs: list = []
-        failed: dict[str, Exception] = {}
-        for seq in out.seqs:
-            single = SchedulerOutput(
-                seqs=[seq],
-                new_requests=[new[seq.req_id]] if seq.req_id in new else [],
-                finished_req_ids=out.finished_req_ids,
-                num_batched_tokens=len(seq.token_ids),
-                grammar_bitmask=out.grammar_bitmask.only(seq.req_id) if out.grammar_bitmask is not None else None,
-            )
-            try:
-                result = self.runner.execute_model(single)
-            except Exception as e:
-                logger.error("request %s failed the engine step: %s: %s", seq.req_id, type(e).__name__, e)
-                failed[seq.req_id] = e
-                continue
-            merged.req_ids += result.req_ids
-            merged.sampled_token_ids += result.sampled_token_ids
-            logprobs += result.logprobs or [None] * len(result.req_ids)
-            merged.prompt_logprobs.update(result.prompt_logprobs)
-        if any(lp is not None for lp in logprobs):
-            merged.logprobs = logprobs
-        return merged, failed
 
     def _fail_sequence(self, seq_id: str, error: Exception) -> None:
         """End the user request a failed sequence belongs to; its caller gets the error."""
@@ -461,20 +412,15 @@ class LLMEngine:
 
     def get_metrics(self) -> dict:
         """Counters and gauges of this engine (what the server's /metrics exports)."""
-        kv = self.kv_cache_manager
-        return self.stats.snapshot(
-            num_requests_running=len(self.scheduler.running),
-            num_requests_waiting=len(self.scheduler.waiting),
-            kv_cache_usage_perc=kv.usage,
-            num_kv_blocks=kv.pool.num_usable_blocks,
-            num_free_kv_blocks=kv.num_free_blocks,
-            num_used_kv_blocks=kv.num_used_blocks,
-            prefix_cache_queries=kv.stats.queries,
-            prefix_cache_hits=kv.stats.hits,
-        )
+        return self.core.get_metrics()
 
     def reset_prefix_cache(self) -> bool:
-        return self.kv_cache_manager.reset_prefix_cache()
+        return self.core.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stop the workers and free the model and KV cache (idempotent)."""
+        self.structured_output.shutdown()
+        self.core.shutdown()
 
 
 def _pick_device(device: str) -> torch.device:
@@ -499,10 +445,10 @@ def _pick_dtype(dtype: str, arch: ArchConfig, device: torch.device) -> torch.dty
 
 
 def _load_tokenizer(path: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    # Local files only (a directory, or the HF cache): no hub is contacted.
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def _eos_ids(tokenizer, arch: ArchConfig, model_dir: str) -> tuple[int | None, set[int]]:

@@ -34,15 +34,14 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.tp = tp
-        torch.manual_seed(seed)
-        default_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            self.kernels = get_backend(device, dtype)
-            with torch.device(device):
-                self.model = build_model(arch, self.kernels, tp)
-        finally:
-            torch.set_default_dtype(default_dtype)
+        # Built in float32 on the target device, then the parameters take the engine's dtype: no
+        # process-wide setting (seed, default dtype) changes, even for a moment.
+        self.kernels = get_backend(device, dtype)
+        with torch.device(device):
+            self.model = build_model(arch, self.kernels, tp)
+        if dtype != torch.float32:
+            for param in self.model.parameters():
+                param.data = param.data.to(dtype)
         if model_dir is not None:
             self.model.load_weights(iter_weights(model_dir, dtype))
         self.model.eval()
@@ -50,8 +49,8 @@ class ModelRunner:
         self.states: dict[str, SamplingState] = {}
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.eos_token_ids: tuple[int, ...] = arch.eos_token_ids
-        # Set by the engine when LoRA is enabled; the adapter id of each request with one.
-        self.lora_manager = None
+        # A WorkerLoRA when LoRA is enabled; the adapter id of each request with one.
+        self.lora = None
         self.req_lora: dict[str, int] = {}
 
     # ---- KV cache ----------------------------------------------------------------------------
@@ -99,31 +98,37 @@ class ModelRunner:
 
         # Decodes first, then prefill chunks (the layout AttentionMetadata expects); within each,
         # requests of one adapter side by side so that LoRA runs one matmul per adapter.
-        slot_of = self._activate_loras(out.seqs)
+        if out.lora_loads:
+            self.lora.load_slots(out.lora_loads)
+        slot_of = out.lora_mapping
         slot = lambda s: slot_of.get(self.req_lora.get(s.req_id, 0), -1)
         seqs = sorted(out.seqs, key=lambda s: (len(s.token_ids) > 1, slot(s)))
         input_ids, positions, meta, last_index = self._prepare_inputs(seqs)
         if slot_of:
-            self.lora_manager.ctx.meta = LoRAMetadata.from_token_slots(
+            self.lora.ctx.meta = LoRAMetadata.from_token_slots(
                 [slot(s) for s in seqs], [len(s.token_ids) for s in seqs], self.device
             )
         try:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         finally:
-            if self.lora_manager is not None:
-                self.lora_manager.ctx.meta = None
+            if self.lora is not None:
+                self.lora.ctx.meta = None
 
         sampling = [i for i, s in enumerate(seqs) if s.do_sample]
         result = ModelRunnerOutput(req_ids=[seqs[i].req_id for i in sampling])
         if sampling:
+            # Every rank takes part in gathering the logits; rank 0 alone samples.
             logits = self.model.compute_logits(hidden[[last_index[i] for i in sampling]])
-            if out.grammar_bitmask is not None:
-                self._apply_grammar(logits, result.req_ids, out.grammar_bitmask)
-            states = [self.states[seqs[i].req_id] for i in sampling]
-            tokens, logprobs = self.sampler(logits, states)
-            result.sampled_token_ids = tokens
-            result.logprobs = logprobs
+            if self.tp.rank == 0:
+                if out.grammar_bitmask is not None:
+                    self._apply_grammar(logits, result.req_ids, out.grammar_bitmask)
+                states = [self.states[seqs[i].req_id] for i in sampling]
+                tokens, logprobs = self.sampler(logits, states)
+                result.sampled_token_ids = tokens
+                result.logprobs = logprobs
         self._prompt_logprobs(seqs, hidden, last_index, result)
+        if self.tp.rank != 0:
+            return ModelRunnerOutput()
         # Only a step that succeeded leaves a trace: a failed one can be re-run (LLMEngine isolates
         # the request that failed it).
         for req_id, token in zip(result.req_ids, result.sampled_token_ids):
@@ -135,13 +140,6 @@ class ModelRunner:
         row_of = {rid: i for i, rid in enumerate(req_ids)}
         rows = torch.tensor([row_of[rid] for rid in grammar.req_ids], device=logits.device)
         self.kernels.apply_token_bitmask(logits, grammar.bitmask.to(logits.device), rows)
-
-    def _activate_loras(self, seqs: list[ScheduledSeq]) -> dict[int, int]:
-        """Slots for the adapters of this step's requests (lora id -> slot); empty without any."""
-        if not self.req_lora:
-            return {}
-        ids = {self.req_lora[s.req_id] for s in seqs if s.req_id in self.req_lora}
-        return self.lora_manager.activate(ids) if ids else {}
 
     def _new_state(self, params, prompt_token_ids: list[int]) -> SamplingState:
         generator = None

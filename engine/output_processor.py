@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvloom.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from kvloom.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from kvloom.engine.request import Request
 from kvloom.engine.sampling_params import RequestOutputKind, SamplingParams
-from kvloom.engine.scheduler.output import Logprobs, ModelRunnerOutput
+from kvloom.engine.scheduler.output import Logprobs
+
+if TYPE_CHECKING:
+    from kvloom.engine.core import EngineCoreOutputs
 
 
 @dataclass(eq=False)
@@ -72,36 +74,31 @@ class OutputProcessor:
         for i, seq_id in enumerate(seq_ids):
             self.seq_map[seq_id] = (state, i)
 
-    def process(
-        self, updated: list[Request], result: ModelRunnerOutput, now: float | None = None
-    ) -> tuple[list[RequestOutput], list[str]]:
+    def process(self, core: EngineCoreOutputs, now: float | None = None) -> tuple[list[RequestOutput], list[str]]:
         """Returns the outputs to emit and the sequence ids that a stop string ended."""
         now = now or time.time()
         stopped: list[str] = []
         touched: dict[str, RequestState] = {}
-        logprobs_by_id = {}
-        if result.logprobs is not None:
-            logprobs_by_id = {rid: lp for rid, lp in zip(result.req_ids, result.logprobs) if lp is not None}
-        for seq_id, entries in result.prompt_logprobs.items():
+        for seq_id, entries in core.prompt_logprobs.items():
             entry = self.seq_map.get(seq_id)
             if entry is not None and entry[1] == 0:
                 state = entry[0]
                 if state.prompt_logprobs is None:
                     state.prompt_logprobs = [None]
                 state.prompt_logprobs.extend(self._logprob_dict(e) for e in entries)
-        for req in updated:
-            entry = self.seq_map.get(req.request_id)
+        for out in core.outputs:
+            entry = self.seq_map.get(out.req_id)
             if entry is None:
                 continue
             state, index = entry
             seq = state.seqs[index]
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
-                state.num_cached_tokens = max(req.num_cached_tokens, 0)
+                state.num_cached_tokens = out.num_cached_tokens
             state.metrics.last_token_time = now
-            token_id = req.output_token_ids[-1]
+            token_id = out.token_id
             seq.token_ids.append(token_id)
-            lp = logprobs_by_id.get(req.request_id)
+            lp = out.logprobs
             if lp is not None:
                 seq.cumulative_logprob = (seq.cumulative_logprob or 0.0) + lp.logprob
                 if seq.logprobs is not None:
@@ -116,15 +113,15 @@ class OutputProcessor:
                 if hit is not None:
                     seq.text = seq.detokenizer.text[: hit[1]]
                     seq.finish_reason, seq.stop_reason = "stop", hit[0]
-                    if not req.is_finished:
-                        stopped.append(req.request_id)
+                    if out.finish_reason is None:
+                        stopped.append(out.req_id)
                 else:
                     seq.text = seq.detokenizer.text
-            if req.is_finished and seq.finish_reason is None:
-                seq.finish_reason, seq.stop_reason = req.finish_reason, req.stop_reason
+            if out.finish_reason is not None and seq.finish_reason is None:
+                seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
             if seq.finish_reason is not None:
                 state.num_finished += 1
-                self.seq_map.pop(req.request_id, None)
+                self.seq_map.pop(out.req_id, None)
             touched[state.request_id] = state
         outputs = []
         for state in touched.values():

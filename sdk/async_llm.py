@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from kvloom.engine.arg_utils import EngineArgs
+from kvloom.engine.executor import WorkerDiedError
 from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.sampling_params import SamplingParams
 
@@ -63,6 +64,11 @@ class AsyncLLM:
 
         if engine is None:
             engine = LLMEngine(engine_args or EngineArgs.from_kwargs(**kwargs))
+        if engine.lockstep:
+            raise ValueError(
+                "distributed_executor_backend='external_launcher' runs offline batches (LLM.generate/chat) "
+                "with the same calls on every rank; an async engine client cannot keep ranks in lockstep"
+            )
         self.engine_args = engine.args
         self.engine = engine
         # The engine is touched only by the loop thread. Callers hand it new requests and aborts
@@ -96,6 +102,11 @@ class AsyncLLM:
                 continue
             try:
                 outputs, errors = engine.step(), engine.take_errors()
+            except WorkerDiedError as e:
+                # The model is gone: fail everything, queued or running, and refuse new requests.
+                logger.error("%s", e)
+                self._fail_all(e)
+                return
             except Exception as e:
                 # The engine fails only the requests that cause a model error (it re-runs the step
                 # without them); anything else that breaks a step fails the requests in flight.
@@ -112,6 +123,15 @@ class AsyncLLM:
             for deliver, item in deliveries:
                 if deliver is not None:
                     deliver(item)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            self._dead = True
+            streams, self._streams = self._streams, {}
+            self._inbox, self._aborts = [], []
+        for deliver in streams.values():
+            deliver(EngineDeadError(f"the engine stopped: {error}"))
+        self.engine.shutdown()
 
     # ---- requests ----------------------------------------------------------------------------
     def submit(
@@ -269,6 +289,4 @@ class AsyncLLM:
         self._thread.join(timeout=30)
         for deliver in streams.values():
             deliver(EngineDeadError("the engine was shut down while the request ran"))
-        self.engine.structured_output.shutdown()
-        self.engine.runner.kv_caches = []
-        self.engine.runner.model = None
+        self.engine.shutdown()

@@ -229,6 +229,15 @@ class LLM:
             bar.close()
         return [results[i] for i in ids]
 
+    def shutdown(self) -> None:
+        """Stop the engine (and its worker processes, with tensor parallelism) and free its memory."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.shutdown()
+        else:
+            self.llm_engine.shutdown()
+
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.reset_prefix_cache()
 

@@ -101,7 +101,7 @@ class QKVParallelLinear(_Linear):
     ):
         self.num_heads = tp.shard(num_heads, "num_attention_heads")
         # With fewer KV heads than ranks each KV head is replicated.
-        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        self.num_kv_heads = tp.kv_heads(num_kv_heads)
         self.head_size = head_size
         self.q_size = self.num_heads * head_size
         self.kv_size = self.num_kv_heads * head_size

@@ -44,6 +44,20 @@ class LoRAAdapter:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
+def lora_shapes(c) -> dict[str, tuple[int, int]]:
+    """Full (unsharded) (in_features, out_features) of every projection an adapter may target (c: ArchConfig)."""
+    q, kv = c.num_heads * c.head_size, c.num_kv_heads * c.head_size
+    return {
+        "q_proj": (c.hidden_size, q),
+        "k_proj": (c.hidden_size, kv),
+        "v_proj": (c.hidden_size, kv),
+        "o_proj": (q, c.hidden_size),
+        "gate_proj": (c.hidden_size, c.intermediate_size),
+        "up_proj": (c.hidden_size, c.intermediate_size),
+        "down_proj": (c.intermediate_size, c.hidden_size),
+    }
+
+
 def load_adapter(
     request: LoRARequest,
     shapes: dict[str, tuple[int, int]],

@@ -1,13 +1,12 @@
-"""Which adapters the engine knows, which are in host memory, and which sit in the device slots.
+"""The front end's adapters: which the engine knows by name, and which are loaded and validated.
 
 - Registry: adapters added by name with `add_lora` (servers and SDK adapters look them up by name).
-- Host cache: loaded adapters, LRU, up to `max_cpu_loras`. An adapter used by an unfinished request
-  is pinned (never evicted), so the step loop never reads from disk.
-- Slots: `max_loras` rows of stacked A/B weights in every LoRA layer. The scheduler never runs
-  more than `max_loras` distinct adapters at once; `activate` puts the step's adapters in slots,
-  reusing a slot that already holds an adapter and replacing the least recently used otherwise.
+- Host cache: loaded adapters, LRU, up to `max_cpu_loras`. Loading validates an adapter against the
+  base model, so a bad one fails its request before it is queued. An adapter used by an unfinished
+  request is pinned (never evicted); an in-process worker reads its weights from here.
 
-Loading and registration may come from any thread; `activate` runs on the engine's step thread.
+Slots are the engine core's business (kvloom.engine.lora.slots) and slot weights the workers'
+(kvloom.engine.lora.worker). Loading and registration may come from any thread.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from pathlib import Path
 import torch
 
 from kvloom.engine.lora.adapter import LoRAAdapter, LoRALoadError, load_adapter
-from kvloom.engine.lora.layers import LinearLoRA, LoRAContext
 from kvloom.engine.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
@@ -28,7 +26,13 @@ logger = logging.getLogger(__name__)
 
 class LoRAManager:
     def __init__(
-        self, model, max_loras: int, max_rank: int, max_cpu_loras: int | None, dtype: torch.dtype, kernels
+        self,
+        shapes: dict[str, tuple[int, int]],
+        num_layers: int,
+        max_loras: int,
+        max_rank: int,
+        max_cpu_loras: int | None,
+        dtype: torch.dtype,
     ) -> None:
         if max_loras < 1:
             raise ValueError(f"max_loras must be at least 1, got {max_loras}")
@@ -41,28 +45,16 @@ class LoRAManager:
         self.max_rank = max_rank
         self.max_cpu_loras = max_cpu_loras
         self.dtype = dtype
-        self.shapes: dict[str, tuple[int, int]] = model.lora_shapes()
-        self.num_layers = model.cfg.num_layers
-        self.ctx = LoRAContext()
-        self.layers: list[LinearLoRA] = []
-        for layer_idx, linear, modules in model.lora_targets():
-            linear.lora = LinearLoRA(linear, layer_idx, modules, max_loras, max_rank, self.ctx, kernels)
-            self.layers.append(linear.lora)
+        self.shapes = shapes
+        self.num_layers = num_layers
         self._lock = threading.Lock()
         self._registry: dict[str, LoRARequest] = {}
         self._cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self._pins: dict[int, int] = {}
         self._removed: set[int] = set()  # removed while requests still used them
-        self._slots: list[LoRAAdapter | None] = [None] * max_loras
-        self._slot_use = [0] * max_loras
-        self._tick = 0
-        logger.info(
-            "LoRA: %d slots, max rank %d, up to %d adapters in host memory, %.1f MiB of slot weights",
-            max_loras,
-            max_rank,
-            max_cpu_loras,
-            sum(layer.num_bytes for layer in self.layers) / 2**20,
-        )
+        # Called with an adapter id when the engine must forget it (workers and slots).
+        self.on_drop = None
+        logger.info("LoRA: %d slots, max rank %d, up to %d adapters in host memory", max_loras, max_rank, max_cpu_loras)
 
     # ---- registry and host cache (any thread) ---------------------------------------------------
     def load(self, request: LoRARequest) -> LoRAAdapter:
@@ -158,33 +150,10 @@ class LoRAManager:
         with self._lock:
             return sum(self._pins.values())
 
-    def activate(self, lora_ids: set[int]) -> dict[int, int]:
-        """Put every adapter of this step in a slot; returns lora id -> slot."""
-        if len(lora_ids) > self.max_loras:
-            raise RuntimeError(f"{len(lora_ids)} adapters scheduled in one step, max_loras is {self.max_loras}")
+    def cached(self, lora_id: int) -> LoRAAdapter | None:
+        """A loaded adapter by id (pinned while a request uses it)."""
         with self._lock:
-            wanted = {i: self._cache[i] for i in lora_ids}
-        self._tick += 1
-        mapping: dict[int, int] = {}
-        for slot, held in enumerate(self._slots):
-            if held is not None and wanted.get(held.lora_int_id) is held:
-                mapping[held.lora_int_id] = slot
-        for lora_id, adapter in wanted.items():
-            if lora_id in mapping:
-                continue
-            busy = set(mapping.values())
-            slot = min((s for s in range(self.max_loras) if s not in busy), key=lambda s: self._slot_use[s])
-            for layer in self.layers:
-                layer.set_slot(slot, adapter.weights)
-            self._slots[slot] = adapter
-            mapping[lora_id] = slot
-        for slot in mapping.values():
-            self._slot_use[slot] = self._tick
-        return mapping
-
-    def slot_ids(self) -> list[int | None]:
-        """The adapter id held by each slot (None for an empty slot)."""
-        return [a.lora_int_id if a is not None else None for a in self._slots]
+            return self._cache.get(lora_id)
 
     # ---- internals (lock held) ------------------------------------------------------------------
     def _check_same(self, cached: LoRAAdapter, request: LoRARequest) -> None:
@@ -197,6 +166,8 @@ class LoRAManager:
     def _drop(self, lora_id: int) -> None:
         self._cache.pop(lora_id, None)
         self._removed.discard(lora_id)
+        if self.on_drop is not None:
+            self.on_drop(lora_id)
 
     def _evict(self) -> None:
         while len(self._cache) > self.max_cpu_loras:

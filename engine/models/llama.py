@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvloom.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kvloom.engine.layers.norm import RMSNorm
 from kvloom.engine.layers.rotary import RotaryEmbedding
+from kvloom.engine.layers.vocab import ParallelLMHead, VocabParallelEmbedding, vocab_parallel_logits
+from kvloom.engine.lora.adapter import lora_shapes
 from kvloom.engine.models.arch import ArchConfig
 from kvloom.engine.parallel import SINGLE, TPContext
 from kvloom.kernels import AttentionMetadata, KernelBackend
@@ -97,16 +98,11 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ArchConfig, kernels: KernelBackend, tp: TPContext = SINGLE) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        self.tp = tp
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(cfg, kernels, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
-        if cfg.tie_word_embeddings:
-            self.lm_head_weight = self.embed_tokens.weight
-        else:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-            self.lm_head.weight.requires_grad_(False)
-            self.lm_head_weight = self.lm_head.weight
+        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
 
     def forward(
         self,
@@ -133,20 +129,11 @@ class LlamaForCausalLM(nn.Module):
 
     def lora_shapes(self) -> dict[str, tuple[int, int]]:
         """Full (unsharded) (in_features, out_features) of every projection an adapter may target."""
-        c = self.cfg
-        q, kv = c.num_heads * c.head_size, c.num_kv_heads * c.head_size
-        return {
-            "q_proj": (c.hidden_size, q),
-            "k_proj": (c.hidden_size, kv),
-            "v_proj": (c.hidden_size, kv),
-            "o_proj": (q, c.hidden_size),
-            "gate_proj": (c.hidden_size, c.intermediate_size),
-            "up_proj": (c.hidden_size, c.intermediate_size),
-            "down_proj": (c.intermediate_size, c.hidden_size),
-        }
+        return lora_shapes(self.cfg)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head_weight).float()
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return vocab_parallel_logits(hidden, head.weight, self.tp, self.cfg.vocab_size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into this model's (possibly fused, sharded) parameters."""
@@ -176,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
             else:
                 loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
             loaded.add(name if shard_id is None else f"{name}:{shard_id}")
-        expected = {n for n in params if n != "lm_head_weight"}
+        expected = set(params)
         missing = sorted(n for n in expected if not any(k == n or k.startswith(n + ":") for k in loaded))
         if missing:
             raise ValueError(f"checkpoint is missing tensors: {', '.join(missing[:8])}")

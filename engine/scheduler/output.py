@@ -42,6 +42,10 @@ class SchedulerOutput:
     num_batched_tokens: int = 0
     # Allowed tokens of the constrained requests sampled this step (a GrammarBitmask), if any.
     grammar_bitmask: Any = None
+    # LoRA: the slot of each adapter this step uses (lora id -> slot), and the slots whose weights
+    # must be (re)loaded first (slot -> lora id).
+    lora_mapping: dict[int, int] = field(default_factory=dict)
+    lora_loads: dict[int, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

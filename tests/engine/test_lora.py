@@ -113,8 +113,8 @@ def test_slot_pressure_completes_every_request(tiny_llama, adapters, lora_reqs):
     llm = LLM(tiny_llama, enable_lora=True, max_loras=1, max_lora_rank=16, kv_cache_memory_gb=0.05)
     engine = llm.llm_engine
     seen: list[set[int]] = []
-    activate = engine.lora_manager.activate
-    engine.lora_manager.activate = lambda ids: (seen.append(set(ids)), activate(ids))[1]
+    assign = engine.core.lora_slots.assign
+    engine.core.lora_slots.assign = lambda ids: (seen.append(set(ids)), assign(ids))[1]
     names = ["all", "qv", None, "mlp", "qv", None, "all", "mlp"]
     batch = _prompts([6 + i for i in range(len(names))], seed=9)
     check_mixed(llm, tiny_llama, adapters, lora_reqs, names, batch)

@@ -98,7 +98,7 @@ def test_rope_scaling_matches_transformers(tmp_path, rope_scaling):
 
 def test_bfloat16_runs_on_the_torch_kernels(tiny_llama):
     llm = LLM(tiny_llama, dtype="bfloat16", num_gpu_blocks_override=32)
-    assert llm.llm_engine.runner.model.layers[0].self_attn.kernels.name == "torch"
+    assert llm.llm_engine.executor.worker.runner.model.layers[0].self_attn.kernels.name == "torch"
     out = llm.generate(prompts([20, 3]), GREEDY, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in out)
     assert_all_blocks_free(llm.llm_engine)

@@ -362,7 +362,7 @@ def test_errors_surface_and_the_adapter_stays_usable(fields, engine):
 
 
 def test_a_request_that_fails_the_engine_step_raises_in_its_caller_only(fields, engine):
-    runner = engine.engine.runner
+    runner = engine.engine.executor.worker.runner
     real = runner.execute_model
 
     def fail_seed_666(out):

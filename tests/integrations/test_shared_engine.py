@@ -118,7 +118,7 @@ same = chat.engine_client is engine and li.engine_client is engine and kvloom.ge
 # The control: an engine with other arguments is a second copy, and the measurement must see it.
 kvloom.get_engine(model_dir, **{**args, "seed": 1}).get_tokenizer()
 sizes.append(rss())
-model_bytes = sum(p.numel() * p.element_size() for p in engine.engine.runner.model.parameters())
+model_bytes = sum(p.numel() * p.element_size() for p in engine.engine.executor.worker.runner.model.parameters())
 server.stop()
 print(json.dumps({"rss": sizes, "model_bytes": model_bytes, "same": same}))
 """

@@ -23,7 +23,7 @@ MARKER_SEED = 424242  # the injected fault breaks every step that computes a req
 
 @pytest.fixture
 def faulty_model(engine):
-    runner = engine.engine.runner
+    runner = engine.engine.executor.worker.runner
     real = runner.execute_model
 
     def execute(out):
@@ -80,13 +80,13 @@ def test_a_failing_request_among_ten_in_flight_fails_alone(server, engine, fault
 
 def test_a_non_streamed_request_is_aborted_when_its_client_leaves(server, engine, http):
     body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True}
-    slow = engine.engine.runner.execute_model
+    slow = engine.engine.executor.worker.runner.execute_model
 
     def throttled(out):  # ~20 ms a step: the request would run ~4 s
         time.sleep(0.02)
         return slow(out)
 
-    engine.engine.runner.execute_model = throttled
+    engine.engine.executor.worker.runner.execute_model = throttled
     try:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
@@ -96,7 +96,7 @@ def test_a_non_streamed_request_is_aborted_when_its_client_leaves(server, engine
         wait_idle(engine.engine, timeout=3)
         assert time.monotonic() - t0 < 2
     finally:
-        engine.engine.runner.execute_model = slow
+        engine.engine.executor.worker.runner.execute_model = slow
     normal_request_works(http)
 
 

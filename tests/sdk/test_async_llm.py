@@ -97,7 +97,7 @@ def test_bad_input_raises_and_engine_keeps_serving(engine, expected):
 
 
 def test_a_failing_step_fails_only_its_culprit(engine, expected, monkeypatch):
-    runner = engine.engine.runner
+    runner = engine.engine.executor.worker.runner
     real = runner.execute_model
     calls = {"n": 0}
 

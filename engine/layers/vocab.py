@@ -1,0 +1,62 @@
+"""Vocab-parallel embedding and LM head: each rank holds a contiguous slice of the vocabulary rows.
+
+The vocabulary is padded to a multiple of the group size; padded rows are zero and their logits
+are cut off after the gather, so every rank ends with the full [tokens, vocab_size] logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvloom.engine.parallel import SINGLE, TPContext
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding whose rows are split across ranks; lookups are summed with an all-reduce."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPContext = SINGLE) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.rows = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.rows
+        self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        if loaded.shape[0] != self.vocab_size or loaded.shape[1] != param.shape[1]:
+            raise ValueError(
+                f"checkpoint embedding has shape {tuple(loaded.shape)}, expected ({self.vocab_size}, {param.shape[1]})"
+            )
+        part = loaded[self.start : min(self.start + self.rows, self.vocab_size)]
+        param.data.zero_()
+        param.data[: part.shape[0]].copy_(part)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(x)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection over this rank's vocabulary rows (checkpoint name `lm_head.weight`)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_logits(hidden, self.weight, self.tp, self.vocab_size)
+
+
+def vocab_parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, tp: TPContext, vocab_size: int) -> torch.Tensor:
+    """Float32 logits over the whole vocabulary from this rank's rows of an embedding-shaped weight.
+
+    Tied models pass the embedding's shard: both split the vocabulary the same way.
+    """
+    logits = F.linear(hidden, weight)
+    if tp.size > 1:
+        logits = tp.all_gather_last(logits)[..., :vocab_size]
+    return logits.float()
