@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kvloom.engine.log import configure_default_logging
+
 
 def _generate(args: argparse.Namespace) -> None:
     from kvloom import LLM, SamplingParams
 
     llm = LLM(
-        args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_memory_gb=args.kv_cache_memory_gb
+        args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        **_parallel_args(args),
     )
     params = SamplingParams(
         temperature=args.temperature,
@@ -26,6 +32,28 @@ def _generate(args: argparse.Namespace) -> None:
     print(out.outputs[0].text)
 
 
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="worker processes, one per TP rank")
+    p.add_argument(
+        "--distributed-executor-backend",
+        choices=["uni", "mp", "external_launcher"],
+        default=None,
+        help="uni: in-process (TP=1); mp: a process per rank (default for TP>1); external_launcher: under torchrun",
+    )
+    # vLLM's other parallel flags: accepted only at 1, so a script never silently runs single-process.
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="not supported; must be 1")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="not supported; must be 1")
+
+
+def _parallel_args(args: argparse.Namespace) -> dict:
+    return dict(
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+    )
+
+
 def _serve(args: argparse.Namespace) -> None:
     import os
     import signal
@@ -36,7 +64,8 @@ def _serve(args: argparse.Namespace) -> None:
     from kvloom.integrations.openai.server import start_server
     from kvloom.serving import _env_flag, lora_requests
 
-    engine_args = EngineArgs(
+    engine_args = EngineArgs.from_kwargs(
+        **_parallel_args(args),
         model=args.model,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
@@ -98,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    _add_parallel_flags(gen)
     gen.set_defaults(func=_generate)
 
     srv = sub.add_parser("serve", help="run the OpenAI-compatible server")
@@ -149,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--dtype", default="auto")
     srv.add_argument("--kv-cache-memory-gb", type=float, default=None)
     srv.add_argument("--seed", type=int, default=0)
+    _add_parallel_flags(srv)
     srv.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks: throughput, prefix, serve, lora, structured, soak")
@@ -156,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)
+    # A command line owns its process: show the engine's INFO lines unless logging was configured already.
+    configure_default_logging()
     if args.command == "bench":
         import importlib
 

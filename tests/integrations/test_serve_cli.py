@@ -63,3 +63,32 @@ def test_serve_lists_adapters_and_stops_on_signal(tiny_llama, tmp_path, sig):
     assert f"serving {tiny_llama} at {url}/v1" in out
     assert "LoRA adapter 'sql' (id 1)" in out
     assert "kvloom: shutting down" in out
+
+
+def test_serve_tensor_parallel_leaves_no_worker_behind(tiny_llama):
+    import psutil
+
+    proc, url = _start([tiny_llama, "--served-model-name", "tiny", "--tensor-parallel-size", "2"])
+    try:
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "kvloom" in " ".join(c.cmdline())]
+        workers = workers or psutil.Process(proc.pid).children(recursive=True)
+        assert len([w for w in workers if w.name().startswith("python")]) >= 2
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"worker processes left behind: {alive}"
+
+
+def test_serve_refuses_parallel_modes_it_does_not_implement(tiny_llama):
+    for flag in ("--pipeline-parallel-size", "--data-parallel-size"):
+        out = subprocess.run(
+            [sys.executable, "-m", "kvloom.cli", "serve", tiny_llama, flag, "2"], capture_output=True, text=True
+        )
+        assert out.returncode == 2
+        assert flag.removeprefix("--").replace("-", "_") + "=2 is not supported" in out.stderr
