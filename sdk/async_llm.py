@@ -18,17 +18,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from kvloom.engine.arg_utils import EngineArgs
-from kvloom.engine.executor import WorkerDiedError
+from kvloom.engine.errors import EngineDeadError, WorkerDiedError
 from kvloom.engine.outputs import RequestOutput
 from kvloom.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _Deliver = Callable[[object], None]
-
-
-class EngineDeadError(RuntimeError):
-    """The engine was shut down; no request can be served."""
 
 
 def blocking_outputs(q: queue.SimpleQueue, rid: str, timeout: float | None, abort) -> Iterator[RequestOutput]:

@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     _add_parallel_flags(srv)
     srv.set_defaults(func=_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks: throughput, prefix, serve, lora, structured, soak")
-    bench.add_argument("which", choices=["throughput", "prefix", "serve", "lora", "structured", "soak"])
+    bench = sub.add_parser("bench", help="benchmarks: throughput, prefix, serve, lora, structured, soak, tp")
+    bench.add_argument("which", choices=["throughput", "prefix", "serve", "lora", "structured", "soak", "tp"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)

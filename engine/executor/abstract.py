@@ -5,14 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from kvloom.engine.config import CacheConfig
+from kvloom.engine.errors import WorkerDiedError
 from kvloom.engine.lora.request import LoRARequest
 from kvloom.engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 
 BACKENDS = ("uni", "mp", "external_launcher")
 
-
-class WorkerDiedError(RuntimeError):
-    """A worker process exited or stopped answering; the engine cannot go on."""
+__all__ = ["BACKENDS", "Executor", "WorkerDiedError", "build_executor"]
 
 
 class Executor(ABC):

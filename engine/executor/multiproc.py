@@ -101,7 +101,7 @@ class MultiprocExecutor(Executor):
                     except (EOFError, OSError):
                         self._fail(f"TP worker rank {rank} closed its pipe")
             for obj in ready:
-                rank = sentinels.get(obj)
+                rank = sentinels.pop(obj, None)
                 if rank is not None and self.conns[rank] in pending:
                     self._fail(
                         f"TP worker rank {rank} (pid {self.procs[rank].pid}) exited with code "

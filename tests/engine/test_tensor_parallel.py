@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +50,12 @@ def one_kv_head_llama(tmp_path_factory) -> str:
 
 def _tokens(llm: LLM, prompts=PROMPTS, params=GREEDY, **kwargs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False, **kwargs)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _workers(llm_or_engine) -> list:
@@ -157,15 +164,22 @@ def test_torchrun_external_launcher(tiny_llama, tmp_path):
     script.write_text(_TORCHRUN_SCRIPT)
     out = tmp_path / "tokens"
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "KVLOOM_CONFIGURE_LOGGING": "0"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    proc = subprocess.run(
-        [*cmd, str(script), tiny_llama, json.dumps(PROMPTS), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    failures = []
+    # Two tries: the launcher's rendezvous port is picked free but can be taken before it binds.
+    for _ in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+        cmd += ["--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+        proc = subprocess.run(
+            [*cmd, str(script), tiny_llama, json.dumps(PROMPTS), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        if proc.returncode == 0:
+            break
+        failures.append(proc.stdout[-2000:] + proc.stderr[-4000:])
+    assert proc.returncode == 0, "\n----\n".join(failures)
     for rank in (0, 1):
         assert json.loads(Path(f"{out}.{rank}").read_text()) == expected
 
