@@ -184,10 +184,17 @@ class EngineCore:
             error,
         )
         new = {n.req_id: n for n in out.new_requests}
+        # A slot whose load may not have happened must be loaded again before its next use.
+        for lora_id in out.lora_loads.values():
+            self.lora_slots.forget(lora_id)
         merged = ModelRunnerOutput()
         logprobs: list = []
         failed: dict[str, Exception] = {}
         for seq in out.seqs:
+            req = self.scheduler.requests.get(seq.req_id)
+            lora_id = req.lora_id if req is not None else 0
+            # Each re-run loads only its own adapter, so a bad adapter fails only its requests.
+            loads = {slot: i for slot, i in out.lora_loads.items() if i == lora_id}
             single = SchedulerOutput(
                 seqs=[seq],
                 new_requests=[new[seq.req_id]] if seq.req_id in new else [],
@@ -195,7 +202,7 @@ class EngineCore:
                 num_batched_tokens=len(seq.token_ids),
                 grammar_bitmask=out.grammar_bitmask.only(seq.req_id) if out.grammar_bitmask is not None else None,
                 lora_mapping=out.lora_mapping,
-                lora_loads=out.lora_loads,
+                lora_loads=loads,
             )
             try:
                 result = self.executor.execute_model(single)

@@ -109,15 +109,19 @@ class LLMEngine:
             args.max_lora_rank,
             max_cpu_loras,
         )
-        executor = build_executor(
-            args.distributed_executor_backend,
-            args.tensor_parallel_size,
-            worker_cfg,
-            self.lora_manager.cached if self.lora_manager is not None else None,
-        )
         self._eos_token_id, self._extra_eos = _eos_ids(self.tokenizer, self.arch, self.model_dir)
         stop_ids = [t for t in (self._eos_token_id, *self._extra_eos) if t is not None]
         self.structured_output = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, stop_ids)
+        try:
+            executor = build_executor(
+                args.distributed_executor_backend,
+                args.tensor_parallel_size,
+                worker_cfg,
+                self.lora_manager.cached if self.lora_manager is not None else None,
+            )
+        except BaseException:
+            self.structured_output.shutdown()
+            raise
         try:
             self.core = EngineCore(
                 self.arch,

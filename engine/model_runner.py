@@ -6,6 +6,7 @@ import math
 import mmap
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from kvloom.engine.model_loader.weights import iter_weights
 from kvloom.engine.models import build_model
@@ -34,14 +35,11 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.tp = tp
-        # Built in float32 on the target device, then the parameters take the engine's dtype: no
-        # process-wide setting (seed, default dtype) changes, even for a moment.
+        # Parameters are created in the engine's dtype on the target device by a thread-local
+        # override of the tensor factories: no process-wide setting (default dtype) changes.
         self.kernels = get_backend(device, dtype)
-        with torch.device(device):
+        with torch.device(device), _FactoryDtype(dtype):
             self.model = build_model(arch, self.kernels, tp)
-        if dtype != torch.float32:
-            for param in self.model.parameters():
-                param.data = param.data.to(dtype)
         if model_dir is not None:
             self.model.load_weights(iter_weights(model_dir, dtype))
         self.model.eval()
@@ -116,21 +114,23 @@ class ModelRunner:
 
         sampling = [i for i, s in enumerate(seqs) if s.do_sample]
         result = ModelRunnerOutput(req_ids=[seqs[i].req_id for i in sampling])
-        if sampling:
-            # Every rank takes part in gathering the logits; rank 0 alone samples.
-            logits = self.model.compute_logits(hidden[[last_index[i] for i in sampling]])
-            if self.tp.rank == 0:
-                if out.grammar_bitmask is not None:
-                    self._apply_grammar(logits, result.req_ids, out.grammar_bitmask)
-                states = [self.states[seqs[i].req_id] for i in sampling]
-                tokens, logprobs = self.sampler(logits, states)
-                result.sampled_token_ids = tokens
-                result.logprobs = logprobs
-        self._prompt_logprobs(seqs, hidden, last_index, result)
+        # Every collective (the logits gathers) runs first, on every rank in the same order; rank 0
+        # alone then masks and samples, so an error there cannot leave another rank in a collective.
+        logits = self.model.compute_logits(hidden[[last_index[i] for i in sampling]]) if sampling else None
+        reported = self._prompt_logprobs(seqs, hidden, last_index, result)
         if self.tp.rank != 0:
             return ModelRunnerOutput()
-        # Only a step that succeeded leaves a trace: a failed one can be re-run (LLMEngine isolates
-        # the request that failed it).
+        if sampling:
+            if out.grammar_bitmask is not None:
+                self._apply_grammar(logits, result.req_ids, out.grammar_bitmask)
+            states = [self.states[seqs[i].req_id] for i in sampling]
+            tokens, logprobs = self.sampler(logits, states)
+            result.sampled_token_ids = tokens
+            result.logprobs = logprobs
+        # Only a step that succeeded leaves a trace: a failed one can be re-run (the engine core
+        # isolates the request that failed it).
+        for state, end in reported:
+            state.num_prompt_logprobs = end
         for req_id, token in zip(result.req_ids, result.sampled_token_ids):
             self.states[req_id].output_token_ids.append(token)
         return result
@@ -190,25 +190,55 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         return ids, pos.to(self.device), meta, last_index
 
-    def _prompt_logprobs(self, seqs, hidden, last_index, result: ModelRunnerOutput) -> None:
+    def _prompt_logprobs(self, seqs, hidden, last_index, result: ModelRunnerOutput) -> list:
+        """Fill result.prompt_logprobs (rank 0); returns (state, positions reported) to record once the step succeeds.
+
+        The logits of every prompt position in the chunk are computed on every rank, whatever was
+        reported before: the gathers then depend only on the step, never on a rank's own history.
+        """
+        reported = []
         for i, s in enumerate(seqs):
             state = self.states[s.req_id]
             k = state.params.prompt_logprobs
-            num_prompt = len(state.prompt_token_ids)
-            # Position p's logits score prompt token p + 1. A request recomputed after preemption
-            # does not report positions it already reported.
-            begin = max(s.start_pos, state.num_prompt_logprobs)
-            end = min(s.start_pos + len(s.token_ids), num_prompt - 1)
-            if k is None or (begin >= end and s.start_pos > 0):
+            if k is None:
+                continue
+            # Position p's logits score prompt token p + 1.
+            lo = s.start_pos
+            hi = min(s.start_pos + len(s.token_ids), len(state.prompt_token_ids) - 1)
+            logits = None
+            if lo < hi:
+                first = last_index[i] - len(s.token_ids) + 1
+                logits = self.model.compute_logits(hidden[first : first + hi - lo])
+            if self.tp.rank != 0:
+                continue
+            # A request recomputed after preemption does not report positions it already reported.
+            begin = max(lo, state.num_prompt_logprobs)
+            if begin >= hi and s.start_pos > 0:
                 continue
             entries: list[Logprobs] = []
-            if begin < end:
-                first = last_index[i] - len(s.token_ids) + 1 + (begin - s.start_pos)
-                rows = torch.log_softmax(self.model.compute_logits(hidden[first : first + end - begin]), dim=-1)
-                targets = state.prompt_token_ids[begin + 1 : end + 1]
+            if begin < hi:
+                rows = torch.log_softmax(logits[begin - lo :], dim=-1)
+                targets = state.prompt_token_ids[begin + 1 : hi + 1]
                 entries = [logprobs_row(rows[j], t, k) for j, t in enumerate(targets)]
-                state.num_prompt_logprobs = end
+                reported.append((state, hi))
             result.prompt_logprobs[s.req_id] = entries
+        return reported
+
+
+class _FactoryDtype(TorchFunctionMode):
+    """Give floating tensor factories called without a dtype (empty, zeros, ones) this dtype."""
+
+    _FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones})
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._FACTORIES and kwargs.get("dtype") is None:
+            kwargs["dtype"] = self.dtype
+        return func(*args, **kwargs)
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from kvloom.engine.config import CacheConfig
+from kvloom.engine.errors import portable_exception
 from kvloom.engine.executor.abstract import Executor
 from kvloom.engine.lora.request import LoRARequest
 from kvloom.engine.parallel import TPContext
@@ -49,10 +50,11 @@ class ExternalLauncherExecutor(Executor):
             cfg = replace(cfg, device=f"cuda:{local}")
         self.tp_size = tp_size
         self.rank = rank
+        self.device = torch.device(cfg.device)
         self.worker = Worker(cfg, TPContext(rank, tp_size))
 
     def determine_num_kv_blocks(self, cache: CacheConfig, max_num_batched_tokens: int | None) -> int:
-        n = torch.tensor([self.worker.determine_num_kv_blocks(cache, max_num_batched_tokens)])
+        n = torch.tensor([self.worker.determine_num_kv_blocks(cache, max_num_batched_tokens)], device=self.device)
         dist.all_reduce(n, op=dist.ReduceOp.MIN)
         return int(n)
 
@@ -63,9 +65,16 @@ class ExternalLauncherExecutor(Executor):
         self.worker.allocate_kv_cache(num_blocks)
 
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        result = [self.worker.execute_model(out)]
-        dist.broadcast_object_list(result, src=0)
-        return result[0]
+        try:
+            outcome = self.worker.execute_model(out)
+        except Exception as e:  # noqa: BLE001 - every rank must reach the broadcast
+            outcome = portable_exception(e)
+        # Rank 0's outcome, tokens or error, is every rank's: all schedule (or isolate) alike.
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
 
     def add_lora(self, request: LoRARequest) -> None:
         self.worker.add_lora(request)

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import pickle
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -22,18 +23,28 @@ from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 
 from kvloom.engine.config import CacheConfig
-from kvloom.engine.executor.abstract import Executor, WorkerDiedError
+from kvloom.engine.errors import WorkerDiedError, portable_exception
+from kvloom.engine.executor.abstract import Executor
 from kvloom.engine.lora.request import LoRARequest
 from kvloom.engine.scheduler.output import ModelRunnerOutput, SchedulerOutput
 from kvloom.engine.worker import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
+# After one rank reports an error, how long the others get to finish the step before the engine
+# concludes they are stuck in a collective the failed rank never joined.
+_ERROR_GRACE_SECONDS = 30.0
+
 
 class MultiprocExecutor(Executor):
     name = "mp"
 
     def __init__(self, cfg: WorkerConfig, tp_size: int) -> None:
+        if cfg.device.startswith("cuda:"):
+            raise ValueError(
+                f"device={cfg.device!r} names one GPU; with tensor_parallel_size={tp_size} use device='cuda' "
+                "(rank r runs on cuda:r; choose GPUs with CUDA_VISIBLE_DEVICES)"
+            )
         self.tp_size = tp_size
         self.cfg = cfg
         ctx = mp.get_context("spawn")
@@ -66,9 +77,10 @@ class MultiprocExecutor(Executor):
             self.shutdown()
             raise
         logger.info(
-            "tensor parallel: %d worker processes (pids %s), gloo/%s, %d threads each, ready in %.1f s",
+            "tensor parallel: %d worker processes (pids %s), %s on %s, %d threads each, ready in %.1f s",
             tp_size,
             ", ".join(str(p.pid) for p in self.procs),
+            "nccl" if cfg.device.startswith("cuda") else "gloo",
             cfg.device,
             threads,
             time.perf_counter() - t0,
@@ -88,11 +100,32 @@ class MultiprocExecutor(Executor):
 
     def _gather(self) -> list:
         """Every rank's reply in rank order; raises the first error, or WorkerDiedError."""
+        try:
+            replies = self._replies()
+        except WorkerDiedError:
+            raise
+        except BaseException:
+            # Interrupted (e.g. KeyboardInterrupt) with replies still unread: they would be taken
+            # for the next call's, so these workers cannot be used again.
+            self.shutdown()
+            raise
+        errors = [r[1] for r in replies if r[0] == "error"]
+        if errors:
+            raise errors[0]
+        return [r[1] for r in replies]
+
+    def _replies(self) -> list:
         replies: list = [None] * self.tp_size
         pending = {conn: rank for rank, conn in enumerate(self.conns)}
         sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs)}
+        error_deadline = None
         while pending:
-            ready = wait([*pending, *sentinels])
+            timeout = None if error_deadline is None else max(error_deadline - time.monotonic(), 0)
+            ready = wait([*pending, *sentinels], timeout)
+            if not ready:
+                # One rank failed and the others never finished: they wait in a collective for it.
+                ranks = ", ".join(str(r) for r in sorted(pending.values()))
+                self._fail(f"TP worker rank(s) {ranks} did not finish a step that another rank failed")
             for obj in ready:
                 if obj in pending:
                     rank = pending.pop(obj)
@@ -100,17 +133,14 @@ class MultiprocExecutor(Executor):
                         replies[rank] = obj.recv()
                     except (EOFError, OSError):
                         self._fail(f"TP worker rank {rank} closed its pipe")
+                    if replies[rank][0] == "error" and error_deadline is None:
+                        error_deadline = time.monotonic() + _ERROR_GRACE_SECONDS
             for obj in ready:
                 rank = sentinels.pop(obj, None)
                 if rank is not None and self.conns[rank] in pending:
-                    self._fail(
-                        f"TP worker rank {rank} (pid {self.procs[rank].pid}) exited with code "
-                        f"{self.procs[rank].exitcode}"
-                    )
-        errors = [r[1] for r in replies if r[0] == "error"]
-        if errors:
-            raise errors[0]
-        return [r[1] for r in replies]
+                    proc = self.procs[rank]
+                    self._fail(f"TP worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+        return replies
 
     def _fail(self, why: str):
         logger.error("%s; stopping the other workers", why)
@@ -178,6 +208,8 @@ def _worker_main(cfg: WorkerConfig, rank: int, size: int, init_method: str, conn
     from kvloom.engine.parallel import TPContext
 
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    # Ctrl-C in the terminal reaches the whole process group; the engine's process decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger("kvloom").addHandler(logging.StreamHandler())
     logging.getLogger("kvloom").setLevel(logging.WARNING)
     torch.set_num_threads(threads)
@@ -193,7 +225,7 @@ def _worker_main(cfg: WorkerConfig, rank: int, size: int, init_method: str, conn
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
         worker = _TimedWorker(cfg, TPContext(rank, size))
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which raises it
-        conn.send(("error", _portable(e)))
+        conn.send(("error", portable_exception(e)))
         return
     conn.send(("ok", None))
     while True:
@@ -206,7 +238,7 @@ def _worker_main(cfg: WorkerConfig, rank: int, size: int, init_method: str, conn
         try:
             conn.send(("ok", getattr(worker, method)(*args)))
         except Exception as e:  # noqa: BLE001
-            conn.send(("error", _portable(e)))
+            conn.send(("error", portable_exception(e)))
     worker.shutdown()
     dist.destroy_process_group()
     conn.close()
@@ -234,12 +266,3 @@ def _exit_with_parent(parent_pid: int) -> None:
         time.sleep(1.0)
         if os.getppid() != parent_pid:
             os._exit(1)
-
-
-def _portable(e: BaseException) -> Exception:
-    """The exception itself if it pickles, else a RuntimeError with its text."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:  # noqa: BLE001
-        return RuntimeError(f"{type(e).__name__}: {e}")

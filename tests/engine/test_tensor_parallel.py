@@ -68,12 +68,22 @@ def test_tp2_greedy_equals_tp1(model, request):
     path = request.getfixturevalue(model)
     one = LLM(path, **ENGINE)
     expected = _tokens(one)
+    scored = SamplingParams(temperature=0.0, max_tokens=4, logprobs=2, prompt_logprobs=2)
+    expected_scores = one.generate(PROMPTS[:3], scored, use_tqdm=False)
     one.shutdown()
     two = LLM(path, tensor_parallel_size=2, **ENGINE)
     procs = _workers(two)
     try:
         assert len(procs) == 2 and all(p.is_alive() for p in procs)
         assert _tokens(two) == expected
+        # Prompt log-probabilities over chunked prefills: every rank gathers the same logits.
+        for got, want in zip(two.generate(PROMPTS[:3], scored, use_tqdm=False), expected_scores):
+            assert len(got.prompt_logprobs) == len(want.prompt_logprobs) == len(got.prompt_token_ids)
+            for g, w in zip(
+                got.prompt_logprobs[1:] + got.outputs[0].logprobs, want.prompt_logprobs[1:] + want.outputs[0].logprobs
+            ):
+                assert g.keys() == w.keys()
+                assert all(abs(g[t].logprob - w[t].logprob) < 1e-4 for t in g)
         metrics = two.get_metrics()
         assert metrics["num_preemptions"] > 0, "the workload was meant to preempt"
         assert metrics["prefix_cache_hits"] > 0, "the workload was meant to hit the prefix cache"
