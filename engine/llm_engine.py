@@ -1,17 +1,17 @@
 """LLMEngine: the front end (input processing, output processing) over an EngineCore.
 
-Input processing (validate, template, tokenize, compile a grammar request) runs on the caller's
-thread in `prepare_request`; the engine core (kvloom.engine.core) schedules and runs steps on its
-executor's workers; output processing turns each step's EngineCoreOutputs into RequestOutputs.
+Input processing (kvloom.engine.input_processor: validate, template, tokenize, load the adapter,
+ask for the grammar) runs on the caller's thread in `prepare_request`; the engine core
+(kvloom.engine.core) schedules and runs steps on its executor's workers; output processing
+(kvloom.engine.output_processor) turns each step's EngineCoreOutputs into RequestOutputs.
+This class builds the three and owns the model facts they share (tokenizer, dtype, device).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,35 +19,24 @@ import torch
 from kvloom.engine.arg_utils import EngineArgs
 from kvloom.engine.config import CacheConfig, ModelConfig
 from kvloom.engine.core import EngineCore
-from kvloom.engine.detokenizer import IncrementalDetokenizer
 from kvloom.engine.executor import build_executor
+from kvloom.engine.input_processor import InputProcessor, PreparedRequest
 from kvloom.engine.log import configure_default_logging
-from kvloom.engine.lora.adapter import LoRAAdapter, lora_shapes
+from kvloom.engine.lora.adapter import lora_shapes
 from kvloom.engine.lora.manager import LoRAManager
 from kvloom.engine.lora.request import LoRARequest
 from kvloom.engine.model_loader.resolve import resolve_model
 from kvloom.engine.models.arch import ArchConfig
-from kvloom.engine.output_processor import OutputProcessor, RequestState, SequenceState
-from kvloom.engine.outputs import RequestMetrics, RequestOutput
-from kvloom.engine.request import Request, RequestStatus
+from kvloom.engine.output_processor import OutputProcessor
+from kvloom.engine.outputs import RequestOutput
+from kvloom.engine.request import RequestStatus
 from kvloom.engine.sampling_params import SamplingParams
 from kvloom.engine.structured_output.manager import StructuredOutputManager
-from kvloom.engine.structured_output.request import StructuredOutputRequest
 from kvloom.engine.worker import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class PreparedRequest:
-    """A validated, tokenized request ready to be queued."""
-
-    state: RequestState
-    requests: list[Request]
-    adapter: LoRAAdapter | None = None
-    lora_request: LoRARequest | None = None
 
 
 class LLMEngine:
@@ -83,7 +72,7 @@ class LLMEngine:
         self.dtype = _pick_dtype(model_cfg.dtype, self.arch, self.device)
         self.tokenizer = _load_tokenizer(model_cfg.tokenizer or self.model_dir)
         self.model_name = args.model or "smollm2-135m-instruct"
-        # Every rank runs the same requests in lockstep under torchrun: nothing may depend on timing.
+        # Under torchrun every rank runs the same requests in lockstep (see InputProcessor).
         self.lockstep = args.distributed_executor_backend == "external_launcher"
 
         self.lora_manager: LoRAManager | None = None
@@ -109,8 +98,8 @@ class LLMEngine:
             args.max_lora_rank,
             max_cpu_loras,
         )
-        self._eos_token_id, self._extra_eos = _eos_ids(self.tokenizer, self.arch, self.model_dir)
-        stop_ids = [t for t in (self._eos_token_id, *self._extra_eos) if t is not None]
+        eos_token_id, extra_eos = _eos_ids(self.tokenizer, self.arch, self.model_dir)
+        stop_ids = [t for t in (eos_token_id, *extra_eos) if t is not None]
         self.structured_output = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, stop_ids)
         try:
             executor = build_executor(
@@ -143,9 +132,19 @@ class LLMEngine:
             self.lora_manager.on_drop = self.core.lora_dropped
         self.max_model_len = self.core.max_model_len
         self.scheduler_config = self.core.scheduler_config
+        self.input_processor = InputProcessor(
+            self.tokenizer,
+            self.arch.vocab_size,
+            self.max_model_len,
+            args.max_num_seqs,
+            eos_token_id,
+            extra_eos,
+            self.structured_output,
+            self.lora_manager,
+            self.lockstep,
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._errors: dict[str, Exception] = {}
-        self._ids = itertools.count()
         self.startup_seconds = time.perf_counter() - t0
 
         num_blocks, block_size = self.core.num_blocks, args.block_size
@@ -191,24 +190,18 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
     def process_prompt(self, prompt) -> tuple[str | None, list[int]]:
         """Accept a string, a list of token ids, or vLLM's {"prompt": ...}/{"prompt_token_ids": ...}."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                prompt = list(prompt["prompt_token_ids"])
-            elif "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty")
-            return prompt, self.encode(prompt)
-        if isinstance(prompt, (list, tuple)):
-            ids = list(prompt)
-            vocab = self.arch.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-            return None, ids
-        raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+        return self.input_processor.process_prompt(prompt)
+
+    def prepare_request(
+        self,
+        request_id: str | None,
+        prompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        lora_request=None,
+    ) -> PreparedRequest:
+        """Validate and tokenize a request without touching engine state (safe from any thread)."""
+        return self.input_processor.prepare_request(request_id, prompt, params, arrival_time, lora_request)
 
     def add_request(
         self,
@@ -231,97 +224,7 @@ class LLMEngine:
         self.core.add_requests(prepared.requests, prepared.lora_request)
         return prepared.state.request_id
 
-    def prepare_request(
-        self,
-        request_id: str | None,
-        prompt,
-        params: SamplingParams | None = None,
-        arrival_time: float | None = None,
-        lora_request=None,
-    ) -> PreparedRequest:
-        """Validate and tokenize a request without touching engine state (safe from any thread)."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        vocab = self.arch.vocab_size
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise ValueError(f"logit_bias token ids must be below the vocabulary size ({vocab})")
-        if params.stop_token_ids and max(params.stop_token_ids) >= vocab:
-            raise ValueError(f"stop_token_ids must be below the vocabulary size ({vocab})")
-        if params.num_samples > self.scheduler_config.max_num_seqs:
-            raise ValueError(
-                f"n (or best_of) is {params.num_samples}, above max_num_seqs ({self.scheduler_config.max_num_seqs}); "
-                "raise max_num_seqs (--max-num-seqs) to sample more sequences per request"
-            )
-        adapter = self._load_lora(lora_request)
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
-        text, ids = self.process_prompt(prompt)
-        if params.truncate_prompt_tokens is not None:
-            ids = ids[-params.truncate_prompt_tokens :]
-        if not ids:
-            raise ValueError("the prompt is empty (it has no tokens)")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
-                f"at most {self.max_model_len - 1} prompt tokens leave room for one output token"
-            )
-        arrival = arrival_time or time.time()
-        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
-        constraint = params.structured_outputs
-        compiled = self.structured_output.compile(constraint) if constraint is not None else None
-        num = params.num_samples
-        seqs, requests = [], []
-        if compiled is not None and self.lockstep:
-            compiled.result()  # compile now: a grammar ready on one rank and not another would split the ranks
-        for i in range(num):
-            if num == 1:
-                # A copy: the engine adds to its stop ids, and the caller may reuse its params.
-                child = params.clone() if self._extra_eos and not params.ignore_eos else params
-            else:
-                child = params.clone(
-                    n=1,
-                    best_of=None,
-                    seed=None if params.seed is None else params.seed + i,
-                    logprobs=params.logprobs if params.logprobs is not None or not params.best_of else 0,
-                )
-            if not child.ignore_eos and self._extra_eos:
-                child._all_stop_token_ids = child._all_stop_token_ids | self._extra_eos
-            seq_id = request_id if num == 1 else f"{request_id}#{i}"
-            requests.append(
-                Request(
-                    seq_id,
-                    ids,
-                    child,
-                    self._eos_token_id,
-                    max_tokens,
-                    arrival,
-                    lora_id=adapter.lora_int_id if adapter is not None else 0,
-                    structured_output=StructuredOutputRequest(constraint, compiled) if compiled is not None else None,
-                )
-            )
-            detok = None
-            if params.detokenize:
-                detok = IncrementalDetokenizer(
-                    self.tokenizer, ids, params.skip_special_tokens, params.spaces_between_special_tokens
-                )
-            seqs.append(SequenceState(i, child, detok, logprobs=[] if params.logprobs is not None else None))
-        state = RequestState(request_id, text, ids, params, seqs, RequestMetrics(arrival), lora_request)
-        core_lora = LoRARequest(adapter.name, adapter.lora_int_id, adapter.path) if adapter is not None else None
-        return PreparedRequest(state, requests, adapter, core_lora)
-
     # ---- LoRA adapters -------------------------------------------------------------------------
-    def _load_lora(self, lora_request) -> LoRAAdapter | None:
-        if lora_request is None:
-            return None
-        if self.lora_manager is None:
-            raise ValueError("LoRA is not enabled: create the engine with enable_lora=True (or --enable-lora)")
-        if isinstance(lora_request, str):
-            named = self.lora_manager.get_lora_request(lora_request)
-            if named is None:
-                raise ValueError(f"no LoRA adapter named {lora_request!r} is registered (add it with add_lora)")
-            lora_request = named
-        return self.lora_manager.load(lora_request)
-
     def _loras(self) -> LoRAManager:
         if self.lora_manager is None:
             raise ValueError("LoRA is not enabled: create the engine with enable_lora=True")
@@ -380,36 +283,13 @@ class LLMEngine:
         return errors
 
     # ---- chat and introspection --------------------------------------------------------------
-    def apply_chat_template(
-        self,
-        messages: list[dict],
-        add_generation_prompt: bool = True,
-        chat_template: str | None = None,
-        continue_final_message: bool = False,
-        **kwargs,
-    ) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], **kwargs) -> list[int]:
         """Render a conversation with the model's chat template into prompt token ids."""
-        if not messages:
-            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-        if getattr(self.tokenizer, "chat_template", None) is None and chat_template is None:
-            raise ValueError("this model's tokenizer has no chat template; pass chat_template= or use generate()")
-        text = self.tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt and not continue_final_message,
-            continue_final_message=continue_final_message,
-            chat_template=chat_template,
-            **kwargs,
-        )
-        return self.encode(text, add_special_tokens=False)
+        return self.input_processor.apply_chat_template(messages, **kwargs)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a text; text that is not valid Unicode (a lone surrogate) is a ValueError."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"the text cannot be tokenized: {e.reason} at position {e.start}") from None
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self.input_processor.encode(text, add_special_tokens)
 
     def get_tokenizer(self):
         return self.tokenizer

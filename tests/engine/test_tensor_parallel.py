@@ -130,8 +130,14 @@ def test_tp2_async_engine_server_and_chat_model(tiny_llama):
     expected = one.chat(prompt, params, use_tqdm=False)[0].outputs[0].text
     one.shutdown()
 
-    engine = AsyncLLM(model=tiny_llama, tensor_parallel_size=2, max_model_len=256)
+    # The adapter's own tensor_parallel_size field builds the shared TP engine the others then use.
+    chat = ChatVLLM(
+        model=tiny_llama, tensor_parallel_size=2, max_new_tokens=12, temperature=0.0, vllm_kwargs={"max_model_len": 256}
+    )
+    engine = chat.engine_client
     try:
+        assert engine.engine.executor.tp_size == 2
+        assert chat.invoke(prompt[0]["content"]).content == expected
         ids = engine.apply_chat_template(prompt)
 
         async def stream() -> str:
@@ -145,10 +151,8 @@ def test_tp2_async_engine_server_and_chat_model(tiny_llama):
             client = openai.OpenAI(base_url=server.base_url, api_key="unused")
             reply = client.chat.completions.create(model="tiny", messages=prompt, max_tokens=12, temperature=0)
             assert reply.choices[0].message.content == expected
-        chat = ChatVLLM(engine=engine, max_new_tokens=12, temperature=0.0)
-        assert chat.invoke(prompt[0]["content"]).content == expected
     finally:
-        engine.shutdown()
+        kvloom.shutdown_engines()
 
 
 _TORCHRUN_SCRIPT = """
