@@ -32,12 +32,12 @@ IGNORED_VLLM_ARGS = frozenset(
 )
 
 
-# Parallel options kvloom does not implement: accepted only at their single-process default, so
-# that a request for them never silently runs as one process.
+# Parallel options kvloom does not implement: accepted only at their single-process value (or
+# None, vLLM's "unset"), so that a request for them never silently runs as one process.
 UNSUPPORTED_PARALLEL_ARGS = {
     "pipeline_parallel_size": 1,
     "data_parallel_size": 1,
-    "data_parallel_size_local": None,
+    "data_parallel_size_local": 1,
     "worker_use_ray": False,
     "enable_expert_parallel": False,
 }

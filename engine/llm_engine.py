@@ -188,10 +188,6 @@ class LLMEngine:
         return self.core.executor
 
     # ---- requests ----------------------------------------------------------------------------
-    def process_prompt(self, prompt) -> tuple[str | None, list[int]]:
-        """Accept a string, a list of token ids, or vLLM's {"prompt": ...}/{"prompt_token_ids": ...}."""
-        return self.input_processor.process_prompt(prompt)
-
     def prepare_request(
         self,
         request_id: str | None,

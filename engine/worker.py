@@ -58,6 +58,8 @@ class Worker:
                 self.runner.kernels,
                 lora_lookup,
             )
+            if tp.rank == 0:
+                logger.info("LoRA slot weights: %.1f MiB per rank", self.runner.lora.num_bytes / 2**20)
 
     @property
     def kernel_backend(self) -> str:

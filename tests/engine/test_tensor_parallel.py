@@ -226,6 +226,16 @@ def test_bad_parallel_settings_are_refused(tiny_llama):
         LLM(tiny_llama, pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="data_parallel_size"):
         LLM(tiny_llama, data_parallel_size=2)
+    with pytest.raises(ValueError, match="data_parallel_size_local"):
+        LLM(tiny_llama, data_parallel_size_local=2)
+    with pytest.raises(ValueError, match="worker_use_ray"):
+        LLM(tiny_llama, worker_use_ray=True)
+    with pytest.raises(ValueError, match="enable_expert_parallel"):
+        LLM(tiny_llama, enable_expert_parallel=True)
+    # Their single-process values are vLLM's defaults and run as usual.
+    llm = LLM(tiny_llama, pipeline_parallel_size=1, data_parallel_size_local=1, worker_use_ray=False)
+    assert llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    llm.shutdown()
     with pytest.raises(ValueError, match="distributed_executor_backend"):
         LLM(tiny_llama, tensor_parallel_size=2, distributed_executor_backend="ray")
     with pytest.raises(ValueError, match="external_launcher"):
