@@ -18,7 +18,7 @@ from kvloom.engine.kv_cache.manager import KVCacheManager
 from kvloom.engine.lora.request import LoRARequest
 from kvloom.engine.lora.slots import LoRASlots
 from kvloom.engine.models.arch import ArchConfig
-from kvloom.engine.request import FINISH_REASONS, Request, RequestStatus
+from kvloom.engine.request import Request, RequestStatus
 from kvloom.engine.scheduler.output import Logprobs, ModelRunnerOutput, SchedulerOutput
 from kvloom.engine.scheduler.scheduler import Scheduler
 from kvloom.engine.stats import EngineStats
@@ -155,7 +155,7 @@ class EngineCore:
             EngineCoreOutput(
                 r.request_id,
                 r.output_token_ids[-1],
-                FINISH_REASONS[r.status] if r.is_finished else None,
+                r.finish_reason,
                 r.stop_reason,
                 max(r.num_cached_tokens, 0),
                 logprobs.get(r.request_id),
