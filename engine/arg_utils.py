@@ -70,6 +70,9 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    long_prefill_token_threshold: int = 0
+    # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, ...} (dict or JSON).
+    speculative_config: dict | str | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -94,4 +97,12 @@ class EngineArgs:
 
     def key(self) -> tuple:
         """A hashable identity of this configuration (for sharing one engine per configuration)."""
-        return tuple(getattr(self, f.name) for f in fields(self))
+        return tuple(_hashable(getattr(self, f.name)) for f in fields(self))
+
+
+def _hashable(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value

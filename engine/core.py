@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kvloom.engine.config import CacheConfig, SchedulerConfig
+from kvloom.engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from kvloom.engine.executor import Executor, WorkerDiedError
 from kvloom.engine.kv_cache.manager import KVCacheManager
 from kvloom.engine.lora.request import LoRARequest
@@ -21,6 +21,7 @@ from kvloom.engine.models.arch import ArchConfig
 from kvloom.engine.request import Request, RequestStatus
 from kvloom.engine.scheduler.output import Logprobs, ModelRunnerOutput, SchedulerOutput
 from kvloom.engine.scheduler.scheduler import Scheduler
+from kvloom.engine.spec_decode import NgramProposer, can_speculate
 from kvloom.engine.stats import EngineStats
 from kvloom.engine.worker import DEFAULT_BATCHED_TOKENS
 
@@ -61,6 +62,8 @@ class EngineCore:
         max_loras: int,
         structured_output,
         on_lora_release=None,
+        long_prefill_token_threshold: int = 0,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.arch = arch
         self.executor = executor
@@ -72,8 +75,10 @@ class EngineCore:
             DEFAULT_BATCHED_TOKENS, 0 if enable_chunked_prefill else self.max_model_len
         )
         self.scheduler_config = SchedulerConfig(
-            max_num_seqs, batched, self.max_model_len, enable_chunked_prefill, max_loras
+            max_num_seqs, batched, self.max_model_len, enable_chunked_prefill, max_loras, long_prefill_token_threshold
         )
+        self.speculative = speculative
+        self.proposer = NgramProposer(speculative) if speculative is not None else None
         self.kv_cache_manager = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.structured_output = structured_output
         self.scheduler = Scheduler(self.scheduler_config, self.kv_cache_manager, on_lora_release, structured_output)
@@ -143,26 +148,44 @@ class EngineCore:
         except Exception as error:
             result, failed = self._isolate_failure(out, error)
         updated = self.scheduler.update(out, result)
-        self.stats.record_step(out, len(result.sampled_token_ids), self.scheduler.num_preemptions)
+        self.stats.record_step(out, sum(n for _, n in updated), self.scheduler.num_preemptions)
+        if result.accepted_draft_ids is not None:
+            self.stats.record_spec(sum(s.num_spec for s in out.seqs), sum(len(a) for a in result.accepted_draft_ids))
         kv = self.kv_cache_manager
         self.stats.record_kv(
             kv.num_used_blocks * kv.block_size, kv.num_unfilled_slots(self.scheduler.running), kv.usage
         )
+        if self.proposer is not None:
+            self._propose()
         logprobs = {}
         if result.logprobs is not None:
             logprobs = {rid: lp for rid, lp in zip(result.req_ids, result.logprobs) if lp is not None}
-        outputs = [
-            EngineCoreOutput(
-                r.request_id,
-                r.output_token_ids[-1],
-                r.finish_reason,
-                r.stop_reason,
-                max(r.num_cached_tokens, 0),
-                logprobs.get(r.request_id),
-            )
-            for r in updated
-        ]
+        outputs = []
+        for r, n in updated:
+            tokens = r.output_token_ids[-n:]
+            for j, token in enumerate(tokens, 1):
+                last = j == n
+                outputs.append(
+                    EngineCoreOutput(
+                        r.request_id,
+                        token,
+                        r.finish_reason if last else None,
+                        r.stop_reason if last else None,
+                        max(r.num_cached_tokens, 0),
+                        logprobs.get(r.request_id) if last else None,
+                    )
+                )
         return EngineCoreOutputs(outputs, result.prompt_logprobs, failed)
+
+    def _propose(self) -> None:
+        """Guess the next tokens of every running request in decode that can speculate."""
+        max_len = self.max_model_len
+        for req in self.scheduler.running:
+            if req.num_tokens - req.num_computed_tokens != 1 or not can_speculate(req):
+                continue
+            # Leave room for the token sampled after the guesses, within max_tokens and max_model_len.
+            room = min(req.max_tokens - req.num_output_tokens, max_len - req.num_tokens) - 1
+            req.spec_token_ids = self.proposer.propose(req.all_token_ids, room)
 
     def _assign_loras(self, out: SchedulerOutput) -> None:
         self._sync_loras()
@@ -189,6 +212,7 @@ class EngineCore:
             self.lora_slots.forget(lora_id)
         merged = ModelRunnerOutput()
         logprobs: list = []
+        accepted: list[list[int]] = []
         failed: dict[str, Exception] = {}
         for seq in out.seqs:
             req = self.scheduler.requests.get(seq.req_id)
@@ -215,9 +239,12 @@ class EngineCore:
             merged.req_ids += result.req_ids
             merged.sampled_token_ids += result.sampled_token_ids
             logprobs += result.logprobs or [None] * len(result.req_ids)
+            accepted += result.accepted_draft_ids or [[] for _ in result.req_ids]
             merged.prompt_logprobs.update(result.prompt_logprobs)
         if any(lp is not None for lp in logprobs):
             merged.logprobs = logprobs
+        if any(accepted):
+            merged.accepted_draft_ids = accepted
         return merged, failed
 
     # ---- introspection -----------------------------------------------------------------------

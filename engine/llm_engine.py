@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from kvloom.engine.arg_utils import EngineArgs
-from kvloom.engine.config import CacheConfig, ModelConfig
+from kvloom.engine.config import CacheConfig, ModelConfig, SpeculativeConfig
 from kvloom.engine.core import EngineCore
 from kvloom.engine.executor import build_executor
 from kvloom.engine.input_processor import InputProcessor, PreparedRequest
@@ -63,6 +64,7 @@ class LLMEngine:
             enable_prefix_caching=args.enable_prefix_caching,
             num_gpu_blocks_override=args.num_gpu_blocks_override,
         )
+        speculative = SpeculativeConfig.from_user(args.speculative_config)
         if not isinstance(args.tensor_parallel_size, int) or args.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {args.tensor_parallel_size!r}")
         self.model_dir = resolve_model(model_cfg.model, args.download_dir)
@@ -123,6 +125,8 @@ class LLMEngine:
                 args.max_loras if args.enable_lora else 0,
                 self.structured_output,
                 self.lora_manager.release if self.lora_manager is not None else None,
+                args.long_prefill_token_threshold,
+                speculative,
             )
         except BaseException:
             executor.shutdown()
@@ -152,7 +156,8 @@ class LLMEngine:
         logger.info(
             "KV cache: %d blocks x %d tokens = %d token slots (%.2f GiB per rank); max_model_len %d; "
             "max concurrency at max_model_len: %.2fx; max_num_seqs %d, max_num_batched_tokens %d, "
-            "prefix caching %s; executor: %s; ready in %.1f s",
+            "prefix caching %s; long_prefill_token_threshold %d; speculative decoding: %s; executor: %s; "
+            "ready in %.1f s",
             num_blocks - 1,
             block_size,
             (num_blocks - 1) * block_size,
@@ -162,6 +167,8 @@ class LLMEngine:
             args.max_num_seqs,
             self.scheduler_config.max_num_batched_tokens,
             "on" if args.enable_prefix_caching else "off",
+            args.long_prefill_token_threshold,
+            "off" if speculative is None else speculative.describe(),
             executor.describe(),
             self.startup_seconds,
         )
@@ -294,6 +301,29 @@ class LLMEngine:
         """Counters and gauges of this engine (what the server's /metrics exports)."""
         return self.core.get_metrics()
 
+    def config_info(self) -> dict[str, str]:
+        """The settings this engine runs with (what a benchmark records beside its figures)."""
+        args, sched = self.args, self.scheduler_config
+        spec = self.core.speculative
+        return {
+            "model": self.model_name,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "executor": self.executor.describe(),
+            "tensor_parallel_size": str(args.tensor_parallel_size),
+            "torch_num_threads": str(torch.get_num_threads()),
+            "cpu_affinity": _affinity(),
+            "block_size": str(args.block_size),
+            "num_kv_blocks": str(self.core.num_blocks - 1),
+            "kv_cache_gib": f"{self.core.num_blocks * self.executor.kv_bytes_per_block() / 2**30:.2f}",
+            "max_model_len": str(self.max_model_len),
+            "max_num_seqs": str(sched.max_num_seqs),
+            "max_num_batched_tokens": str(sched.max_num_batched_tokens),
+            "long_prefill_token_threshold": str(sched.long_prefill_token_threshold),
+            "enable_prefix_caching": str(args.enable_prefix_caching),
+            "speculative": "none" if spec is None else spec.describe(),
+        }
+
     def reset_prefix_cache(self) -> bool:
         return self.core.reset_prefix_cache()
 
@@ -301,6 +331,20 @@ class LLMEngine:
         """Stop the workers and free the model and KV cache (idempotent)."""
         self.structured_output.shutdown()
         self.core.shutdown()
+
+
+def _affinity() -> str:
+    """The CPUs this process may run on, as a compact list ("0-1")."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return "unknown"
+    ranges, start = [], cpus[0]
+    for a, b in zip(cpus, cpus[1:] + [None]):
+        if b != a + 1:
+            ranges.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(ranges)
 
 
 def _pick_device(device: str) -> torch.device:

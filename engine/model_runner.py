@@ -114,26 +114,61 @@ class ModelRunner:
 
         sampling = [i for i, s in enumerate(seqs) if s.do_sample]
         result = ModelRunnerOutput(req_ids=[seqs[i].req_id for i in sampling])
+        # A sequence with speculative guesses is scored at its last num_spec + 1 positions.
+        rows: list[int] = []
+        for i in sampling:
+            rows.extend(range(last_index[i] - seqs[i].num_spec, last_index[i] + 1))
         # Every collective (the logits gathers) runs first, on every rank in the same order; rank 0
         # alone then masks and samples, so an error there cannot leave another rank in a collective.
-        logits = self.model.compute_logits(hidden[[last_index[i] for i in sampling]]) if sampling else None
+        logits = self.model.compute_logits(hidden[rows]) if sampling else None
         reported = self._prompt_logprobs(seqs, hidden, last_index, result)
         if self.tp.rank != 0:
             return ModelRunnerOutput()
         if sampling:
-            if out.grammar_bitmask is not None:
-                self._apply_grammar(logits, result.req_ids, out.grammar_bitmask)
-            states = [self.states[seqs[i].req_id] for i in sampling]
-            tokens, logprobs = self.sampler(logits, states)
-            result.sampled_token_ids = tokens
-            result.logprobs = logprobs
+            if len(rows) == len(sampling):
+                self._sample(logits, result, out.grammar_bitmask)
+            else:
+                self._sample_speculative(logits, [seqs[i] for i in sampling], result, out.grammar_bitmask)
         # Only a step that succeeded leaves a trace: a failed one can be re-run (the engine core
         # isolates the request that failed it).
         for state, end in reported:
             state.num_prompt_logprobs = end
-        for req_id, token in zip(result.req_ids, result.sampled_token_ids):
-            self.states[req_id].output_token_ids.append(token)
+        accepted = result.accepted_draft_ids or [()] * len(result.req_ids)
+        for req_id, drafts, token in zip(result.req_ids, accepted, result.sampled_token_ids):
+            self.states[req_id].output_token_ids.extend((*drafts, token))
         return result
+
+    def _sample(self, logits: torch.Tensor, result: ModelRunnerOutput, grammar) -> None:
+        """One token per sampled sequence (logits: one row each, in result.req_ids order)."""
+        if grammar is not None:
+            self._apply_grammar(logits, result.req_ids, grammar)
+        states = [self.states[rid] for rid in result.req_ids]
+        result.sampled_token_ids, result.logprobs = self.sampler(logits, states)
+
+    def _sample_speculative(self, logits: torch.Tensor, seqs: list[ScheduledSeq], result, grammar) -> None:
+        """A step with guesses: plain sequences sample one token; the others verify their guesses."""
+        starts, row = [], 0
+        for s in seqs:
+            starts.append(row)
+            row += s.num_spec + 1
+        plain = [k for k, s in enumerate(seqs) if not s.num_spec]
+        tokens: list[int] = [0] * len(seqs)
+        accepted: list[list[int]] = [[] for _ in seqs]
+        logprobs = None
+        if plain:
+            sub = ModelRunnerOutput(req_ids=[seqs[k].req_id for k in plain])
+            self._sample(logits[[starts[k] + seqs[k].num_spec for k in plain]], sub, grammar)
+            for k, token in zip(plain, sub.sampled_token_ids):
+                tokens[k] = token
+            if sub.logprobs is not None:
+                logprobs = [None] * len(seqs)
+                for k, lp in zip(plain, sub.logprobs):
+                    logprobs[k] = lp
+        for k, s in enumerate(seqs):
+            if s.num_spec:
+                rows = logits[starts[k] : starts[k] + s.num_spec + 1]
+                *accepted[k], tokens[k] = self.sampler.verify(rows, self.states[s.req_id], s.token_ids[-s.num_spec :])
+        result.sampled_token_ids, result.accepted_draft_ids, result.logprobs = tokens, accepted, logprobs
 
     def _apply_grammar(self, logits: torch.Tensor, req_ids: list[str], grammar) -> None:
         """Forbid, in the constrained requests' rows, every token their grammar does not allow now."""

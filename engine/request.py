@@ -53,6 +53,8 @@ class Request:
     num_cached_tokens: int = -1
     num_preemptions: int = 0
     stop_reason: int | str | None = None
+    # Speculative guesses of the next tokens (n-gram lookup), verified in the next step.
+    spec_token_ids: list[int] = field(default_factory=list)
     # Chained hashes of the full blocks of all_token_ids (prefix caching), grown as tokens arrive.
     block_hashes: list[bytes] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)

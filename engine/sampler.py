@@ -56,7 +56,7 @@ class Sampler:
         rows_min = [
             i for i, s in enumerate(states) if s.min_tokens_blocked and len(s.output_token_ids) < s.params.min_tokens
         ]
-        rows_pen = [i for i, s in enumerate(states) if _has_penalty(s.params)]
+        rows_pen = [i for i, s in enumerate(states) if has_penalty(s.params)]
         rows_bias = [i for i, s in enumerate(states) if s.params.logit_bias]
         if not rows_min and not rows_pen and not rows_bias:
             return logits
@@ -89,17 +89,7 @@ class Sampler:
         params = [s.params for s in states]
         is_greedy = torch.tensor([p.temperature < 1e-5 for p in params])
         greedy_tokens = logits.argmax(dim=-1)
-        temp = torch.tensor([p.temperature if p.temperature >= 1e-5 else 1.0 for p in params])
-        logits = logits / temp.unsqueeze(1)
-        top_k = [p.top_k for p in params]
-        top_p = [p.top_p for p in params]
-        if any(top_k) or any(tp < 1.0 for tp in top_p):
-            logits = _top_k_top_p(logits, top_k, top_p)
-        probs = torch.softmax(logits, dim=-1)
-        min_p = [p.min_p for p in params]
-        if any(min_p):
-            threshold = torch.tensor(min_p).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = _probs(logits, params)
         # Exponential race (equivalent to sampling from probs); seeded rows draw from their own stream
         # so their samples do not depend on what else is in the batch.
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
@@ -109,8 +99,58 @@ class Sampler:
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(is_greedy, greedy_tokens, sampled)
 
+    def verify(self, logits: torch.Tensor, state: SamplingState, draft: list[int]) -> list[int]:
+        """The tokens one speculative step emits: the accepted prefix of draft, then one more.
 
-def _has_penalty(p: SamplingParams) -> bool:
+        logits holds len(draft) + 1 rows: row j scores the token after draft[:j]. Greedy requests
+        accept draft tokens while they equal the argmax, so their output is exactly the
+        non-speculative one. Sampled requests use rejection sampling against a deterministic draft
+        (Leviathan et al. 2023 with q one-hot): draft[j] is kept with probability p_j(draft[j]);
+        on rejection the token comes from p_j with draft[j] removed, renormalized. Every emitted
+        token is thereby distributed exactly as without speculation.
+        """
+        params = state.params
+        if params.temperature < 1e-5:
+            best = logits[:, : self.vocab_size].argmax(dim=-1).tolist()
+            accepted = 0
+            while accepted < len(draft) and best[accepted] == draft[accepted]:
+                accepted += 1
+            return draft[:accepted] + [best[accepted]]
+        probs = _probs(logits[:, : self.vocab_size], [params] * logits.shape[0])
+        gen = state.generator or self.generator
+        uniforms = torch.rand(len(draft), generator=gen).tolist()
+        for j, token in enumerate(draft):
+            if uniforms[j] < float(probs[j, token]):
+                continue
+            residual = probs[j].clone()
+            residual[token] = 0.0
+            return draft[:j] + [_draw(residual, gen)]
+        return draft + [_draw(probs[len(draft)], gen)]
+
+
+def _probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Per-row sampling distributions after temperature, top-k, top-p and min-p."""
+    temp = torch.tensor([p.temperature if p.temperature >= 1e-5 else 1.0 for p in params])
+    logits = logits / temp.unsqueeze(1)
+    top_k = [p.top_k for p in params]
+    top_p = [p.top_p for p in params]
+    if any(top_k) or any(tp < 1.0 for tp in top_p):
+        logits = _top_k_top_p(logits, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    min_p = [p.min_p for p in params]
+    if any(min_p):
+        threshold = torch.tensor(min_p).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    return probs
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from an unnormalized distribution (exponential race)."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / noise).argmax())
+
+
+def has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 

@@ -261,6 +261,10 @@ class AsyncLLM:
         """The engine's counters and gauges (read while it runs; each value is current to a step)."""
         return self.engine.get_metrics()
 
+    def get_config_info(self) -> dict[str, str]:
+        """The settings the engine runs with (dtype, threads, KV blocks, scheduling, speculation)."""
+        return self.engine.config_info()
+
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len

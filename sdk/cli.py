@@ -16,6 +16,8 @@ def _generate(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
+        speculative_config=args.speculative_config,
         **_parallel_args(args),
     )
     params = SamplingParams(
@@ -45,6 +47,22 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1, help="not supported; must be 1")
 
 
+def _add_latency_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        default=0,
+        help="at most this many prompt tokens of one request per step, so decodes never wait behind a long "
+        "prefill (0: only --max-num-batched-tokens bounds a step)",
+    )
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding as JSON, vLLM\'s form: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+        "(optional prompt_lookup_max / prompt_lookup_min)",
+    )
+
+
 def _parallel_args(args: argparse.Namespace) -> dict:
     return dict(
         tensor_parallel_size=args.tensor_parallel_size,
@@ -71,6 +89,8 @@ def _serve(args: argparse.Namespace) -> None:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
+        speculative_config=args.speculative_config,
         enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         seed=args.seed,
@@ -128,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--kv-cache-memory-gb", type=float, default=None)
     _add_parallel_flags(gen)
+    _add_latency_args(gen)
     gen.set_defaults(func=_generate)
 
     srv = sub.add_parser("serve", help="run the OpenAI-compatible server")
@@ -175,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     srv.add_argument("--max-model-len", type=int, default=None)
     srv.add_argument("--max-num-seqs", type=int, default=256)
     srv.add_argument("--max-num-batched-tokens", type=int, default=None)
+    _add_latency_args(srv)
     srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     srv.add_argument("--dtype", default="auto")
     srv.add_argument("--kv-cache-memory-gb", type=float, default=None)
@@ -182,8 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     _add_parallel_flags(srv)
     srv.set_defaults(func=_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks: throughput, prefix, serve, lora, structured, soak, tp")
-    bench.add_argument("which", choices=["throughput", "prefix", "serve", "lora", "structured", "soak", "tp"])
+    benches = ["throughput", "prefix", "serve", "profile", "lora", "structured", "soak", "tp"]
+    bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(benches)}")
+    bench.add_argument("which", choices=benches)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)

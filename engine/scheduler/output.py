@@ -28,6 +28,8 @@ class ScheduledSeq:
     block_ids: list[int]
     # The step reaches the request's last known token, so its logits are sampled.
     do_sample: bool
+    # The last token_ids are this many speculative guesses (scored, then verified by the sampler).
+    num_spec: int = 0
 
 
 @dataclass
@@ -68,6 +70,9 @@ class ModelRunnerOutput:
 
     req_ids: list[str] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)
+    # Speculative steps: the guesses each request accepted, emitted before its sampled token
+    # (None when no request of the step had guesses).
+    accepted_draft_ids: list[list[int]] | None = None
     logprobs: list[Logprobs | None] | None = None
     # Prompt log-probabilities of the chunk computed this step, per request that asked for them.
     prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)

@@ -94,6 +94,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
+        req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -105,12 +106,20 @@ class Scheduler:
         out = SchedulerOutput(finished_req_ids=self._finished_req_ids)
         self._finished_req_ids = set()
         budget = self.config.max_num_batched_tokens
+        threshold = self.config.long_prefill_token_threshold
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = req.num_tokens - req.num_computed_tokens
             assert num_new > 0, "a running request always has a token to compute"
+            num_spec = 0
+            if num_new == 1 and req.spec_token_ids:
+                num_spec = min(len(req.spec_token_ids), budget - 1)
+                num_new += num_spec
+            elif 0 < threshold < num_new:
+                num_new = threshold
+            num_new = min(num_new, budget)
             while self.kv.allocate_slots(req, num_new) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -119,7 +128,7 @@ class Scheduler:
                     break
             if req.status == RequestStatus.PREEMPTED:
                 break
-            self._add_seq(out, req, num_new)
+            self._add_seq(out, req, num_new, num_spec)
             budget -= num_new
             i += 1
 
@@ -138,6 +147,8 @@ class Scheduler:
                 continue
             computed_blocks, num_computed = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_computed
+            if 0 < threshold < num_new:
+                num_new = threshold
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
                     break
@@ -168,44 +179,58 @@ class Scheduler:
             out.grammar_bitmask = self.structured_output.grammar_bitmask(sampled)
         return out
 
-    def _add_seq(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+    def _add_seq(self, out: SchedulerOutput, req: Request, num_new: int, num_spec: int = 0) -> None:
         start = req.num_computed_tokens
+        known = num_new - num_spec
         out.seqs.append(
             ScheduledSeq(
                 req_id=req.request_id,
-                token_ids=req.all_token_ids[start : start + num_new],
+                token_ids=req.all_token_ids[start : start + known] + req.spec_token_ids[:num_spec],
                 start_pos=start,
                 block_ids=self.kv.get_block_ids(req.request_id),
-                do_sample=start + num_new == req.num_tokens,
+                do_sample=start + known == req.num_tokens,
+                num_spec=num_spec,
             )
         )
 
-    def update(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
+    def update(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, int]]:
         """Advance computed tokens, append sampled tokens and end requests that stop.
 
-        Returns the requests that received a token this step (finished ones included).
+        Returns each request that received tokens this step (finished ones included) with how
+        many it received: one, or with speculation its accepted guesses plus one.
         """
         for seq in out.seqs:
             req = self.requests.get(seq.req_id)
             if req is not None:
-                req.num_computed_tokens += len(seq.token_ids)
+                # Guesses count as computed only once accepted; the KV slots of rejected ones are
+                # written again by later steps.
+                req.num_computed_tokens += len(seq.token_ids) - seq.num_spec
+                req.spec_token_ids = []
         updated = []
         any_finished = False
         max_model_len = self.config.max_model_len
-        for req_id, token_id in zip(result.req_ids, result.sampled_token_ids):
+        accepted_ids = result.accepted_draft_ids
+        for i, (req_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
             req = self.requests.get(req_id)
             if req is None:
                 continue
-            req.append_output_token(token_id)
-            grammar_end = None
-            if req.structured_output is not None:
-                grammar_end = self.structured_output.accept(req, token_id)
-            if req.check_stop(max_model_len) or grammar_end is not None:
-                if not req.is_finished:
-                    req.status = grammar_end
-                any_finished = True
-                self._release(req)
-            updated.append(req)
+            tokens = [token_id] if not accepted_ids else [*accepted_ids[i], token_id]
+            num_new = 0
+            for token in tokens:
+                num_new += 1
+                req.append_output_token(token)
+                grammar_end = None
+                if req.structured_output is not None:
+                    grammar_end = self.structured_output.accept(req, token)
+                if req.check_stop(max_model_len) or grammar_end is not None:
+                    if not req.is_finished:
+                        req.status = grammar_end
+                    any_finished = True
+                    self._release(req)
+                    break
+            # Accepted guesses were computed in this step (the last emitted token was not).
+            req.num_computed_tokens += num_new - 1
+            updated.append((req, num_new))
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return updated

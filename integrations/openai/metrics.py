@@ -17,6 +17,8 @@ _COUNTERS = {
     "prefix_cache_queries": ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
     "prefix_cache_hits": ("prefix_cache_hits", "Prompt tokens found in the prefix cache."),
     "num_preemptions": ("num_preemptions", "Requests preempted for lack of KV blocks."),
+    "spec_num_draft_tokens": ("spec_decode_num_draft_tokens", "Speculative tokens proposed and scored."),
+    "spec_num_accepted_tokens": ("spec_decode_num_accepted_tokens", "Speculative tokens accepted."),
 }
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
@@ -37,6 +39,13 @@ class _EngineCollector:
             c = CounterMetricFamily(f"kvloom:{name}", doc, labels=["model_name"])
             c.add_metric([self.model_name], float(m[key]))
             yield c
+        get_config_info = getattr(self.client, "get_config_info", None)
+        if get_config_info is not None:
+            # An info gauge as vLLM's `vllm:cache_config_info`: value 1, the configuration in its labels.
+            info = {"model_name": self.model_name, **{str(k): str(v) for k, v in get_config_info().items()}}
+            g = GaugeMetricFamily("kvloom:engine_config_info", "The engine's configuration.", labels=list(info))
+            g.add_metric(list(info.values()), 1.0)
+            yield g
 
 
 class ServerMetrics:

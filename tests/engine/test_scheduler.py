@@ -111,7 +111,7 @@ def test_random_workloads_finish_with_exact_lengths_and_no_leaks(seed, budget, n
         out = s.schedule()
         assert out.num_batched_tokens <= budget
         sampled = [q.req_id for q in out.seqs if q.do_sample]
-        for r in s.update(out, ModelRunnerOutput(sampled, [5] * len(sampled))):
+        for r, _ in s.update(out, ModelRunnerOutput(sampled, [5] * len(sampled))):
             if r.is_finished:
                 done[r.request_id] = r.num_output_tokens
         held = sum(len(b) for b in s.kv.req_blocks.values())
