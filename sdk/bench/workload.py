@@ -53,6 +53,27 @@ def make_workload(
     return items
 
 
+def make_copy_workload(
+    tokenizer, num_requests: int, seed: int = 0, passage_len: tuple[int, int] = (96, 256)
+) -> list[WorkItem]:
+    """Copy-heavy chat requests (quote a given passage), the case n-gram speculation targets.
+
+    Each prompt is the chat template around "Repeat the following passage exactly" and a passage
+    of uniform length in passage_len tokens; max_tokens is the passage's length.
+    """
+    rng = random.Random(seed)
+    items = []
+    for _ in range(num_requests):
+        n = rng.randint(*passage_len)
+        passage = tokenizer.decode(tokenizer.encode(english_like_text(rng, n), add_special_tokens=False)[:n])
+        messages = [{"role": "user", "content": f"Repeat the following passage exactly.\n\n{passage}"}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):
+            ids = ids["input_ids"]
+        items.append(WorkItem(list(ids), n))
+    return items
+
+
 def save_jsonl(items: list[WorkItem], path: str) -> None:
     with open(path, "w") as f:
         for it in items:
