@@ -16,7 +16,7 @@ import torch
 from . import torch_ref
 from .metadata import AttentionMetadata, LoRAMetadata
 
-__all__ = ["AttentionMetadata", "KernelBackend", "LoRAMetadata", "get_backend"]
+__all__ = ["AttentionMetadata", "KernelBackend", "LoRAMetadata", "dense_linear", "get_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,29 @@ class KernelBackend:
 
 
 TORCH = KernelBackend("torch", torch_ref.write_kv, torch_ref.paged_attention)
+
+# Up to this many rows a float32 linear layer on CPU runs the C++ streaming kernel
+# (kernels/cpu/gemm.cpp); above it BLAS is faster (kvloom bench linear measures the crossover).
+SMALL_M_ROWS = 16
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with the C++ few-rows kernel for float32 decode batches on CPU when it is built."""
+    if (
+        x.dim() == 2
+        and x.shape[0] <= SMALL_M_ROWS
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.is_contiguous()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        from .cpu_ops import load_cpu_ops
+
+        ops = load_cpu_ops()
+        if ops is not None:
+            return ops.linear_small_m(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _cpu_backend() -> KernelBackend | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "cpu" / name for name in ("paged_attention.cpp", "elementwise.cpp")]
+_SOURCES = [Path(__file__).parent / "cpu" / name for name in ("paged_attention.cpp", "elementwise.cpp", "gemm.cpp")]
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 _loaded: dict[str, object] = {}
 

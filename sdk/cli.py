@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_parallel_flags(srv)
     srv.set_defaults(func=_serve)
 
-    benches = ["throughput", "prefix", "serve", "profile", "lora", "structured", "soak", "tp"]
+    benches = ["throughput", "prefix", "serve", "profile", "linear", "lora", "structured", "soak", "tp"]
     bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(benches)}")
     bench.add_argument("which", choices=benches)
     bench.add_argument("rest", nargs=argparse.REMAINDER)

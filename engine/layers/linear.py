@@ -10,10 +10,10 @@ set adds the batched per-token LoRA delta after its matmul (see kvloom.engine.lo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvloom.engine.parallel import SINGLE, TPContext
+from kvloom.kernels import dense_linear
 
 
 class _Linear(nn.Module):
@@ -29,7 +29,7 @@ class _Linear(nn.Module):
         self.lora = None  # a LinearLoRA once the engine enables LoRA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = dense_linear(x, self.weight, self.bias)
         if self.lora is not None:
             self.lora.apply(x, y)
         return y
@@ -132,7 +132,7 @@ class RowParallelLinear(_Linear):
         super().__init__(tp.shard(in_features, "input features"), out_features, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = dense_linear(x, self.weight)
         y = self.tp.all_reduce(y)
         if self.lora is not None:
             # Shrink on this rank's input columns, sum the partial [T, r] over ranks, then expand.

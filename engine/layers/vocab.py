@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvloom.engine.parallel import SINGLE, TPContext
+from kvloom.kernels import dense_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -56,7 +57,7 @@ def vocab_parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, tp: TPCont
 
     Tied models pass the embedding's shard: both split the vocabulary the same way.
     """
-    logits = F.linear(hidden, weight)
+    logits = dense_linear(hidden, weight)
     if tp.size > 1:
         logits = tp.all_gather_last(logits)[..., :vocab_size]
     return logits.float()

@@ -174,10 +174,12 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, t
 void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k, torch::Tensor cos,
                       torch::Tensor sin);
 torch::Tensor silu_and_mul(torch::Tensor x);
+torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode, "paged attention, one query token per row");
   m.def("rms_norm", &rms_norm, "RMSNorm with optional in-place residual add");
   m.def("rotary_embedding", &rotary_embedding, "in-place NeoX rotary embedding of q and k");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("linear_small_m", &linear_small_m, "float32 x @ w^T (+ bias) for few rows (decode batches)");
 }

@@ -1,0 +1,53 @@
+"""Float32 linear layers at decode batch sizes: torch's F.linear (BLAS) vs kvloom's C++ few-rows kernel.
+
+For each projection shape of the default model (qkv, o, gate_up, down, LM head) and each row count,
+times both over 30 weight matrices (so the weights stream from memory, as in a forward pass) and
+prints one JSON line with microseconds per call and the weight bandwidth each reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="kvloom bench linear", description=__doc__)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    from kvloom.kernels.cpu_ops import load_cpu_ops
+
+    ops = load_cpu_ops()
+    if ops is None:
+        raise SystemExit("the C++ CPU kernels are unavailable here")
+    gen = torch.Generator().manual_seed(0)
+    for name, (n, k) in SHAPES.items():
+        weights = [torch.randn(n, k, generator=gen) for _ in range(1 if name == "lm_head" else 30)]
+        for rows in args.rows:
+            x = torch.randn(rows, k, generator=gen)
+            blas = _time(lambda x=x, ws=weights: [torch.nn.functional.linear(x, w) for w in ws], args.repeats)
+            kernel = _time(lambda x=x, ws=weights: [ops.linear_small_m(x, w, None) for w in ws], args.repeats)
+            blas, kernel = blas / len(weights), kernel / len(weights)
+            gb = n * k * 4 / 1e9
+            result = {"shape": name, "n": n, "k": k, "rows": rows, "blas_us": round(blas * 1e6, 1)}
+            result |= {"kernel_us": round(kernel * 1e6, 1), "speedup": round(blas / kernel, 2)}
+            result |= {"blas_gb_s": round(gb / blas, 1), "kernel_gb_s": round(gb / kernel, 1)}
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The C++ few-rows float32 linear kernel (kernels/cpu/gemm.cpp) against torch's F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvloom.kernels import SMALL_M_ROWS, dense_linear
+from kvloom.kernels.cpu_ops import load_cpu_ops
+
+ops = load_cpu_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="C++ CPU kernels unavailable")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize(("k", "n"), [(8, 4), (37, 5), (576, 960), (1000, 4097), (3, 1)])
+def test_matches_f_linear(rows, k, n):
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
+    want = torch.nn.functional.linear(x, w, b)
+    got = ops.linear_small_m(x, w, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4 * k**0.5)
+    torch.testing.assert_close(ops.linear_small_m(x, w, None), want - b, rtol=1e-5, atol=1e-4 * k**0.5)
+
+
+def test_dense_linear_dispatch():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g)
+    for rows in (1, SMALL_M_ROWS, SMALL_M_ROWS + 1):
+        x = torch.randn(rows, 32, generator=g)
+        torch.testing.assert_close(dense_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    # A non-contiguous input, a 3-D input and half precision take the right path too.
+    x = torch.randn(32, 4, generator=g).T
+    torch.testing.assert_close(dense_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
+    x3 = torch.randn(2, 3, 32, generator=g)
+    torch.testing.assert_close(dense_linear(x3, w), x3 @ w.T, rtol=1e-5, atol=1e-5)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert dense_linear(xb, wb).dtype == torch.bfloat16
