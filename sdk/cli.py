@@ -40,7 +40,8 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
         "--distributed-executor-backend",
         choices=["uni", "mp", "external_launcher"],
         default=None,
-        help="uni: in-process (TP=1); mp: a process per rank (default for TP>1); external_launcher: under torchrun",
+        help="uni: in-process (TP=1); mp: a process per rank (default for TP>1, and for `kvloom serve`); "
+        "external_launcher: under torchrun",
     )
     # vLLM's other parallel flags: accepted only at 1, so a script never silently runs single-process.
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="not supported; must be 1")
@@ -82,8 +83,15 @@ def _serve(args: argparse.Namespace) -> None:
     from kvloom.integrations.openai.server import start_server
     from kvloom.serving import _env_flag, lora_requests
 
+    parallel = _parallel_args(args)
+    if parallel["distributed_executor_backend"] is None:
+        # The server's event loop and the engine's step loop share this process; the model's
+        # intra-op (OpenMP) threads run about 1.5-2x slower when driven from a non-main thread
+        # beside them (docs/benchmarks.md). A worker process keeps the forward pass on its own
+        # main thread, as vLLM's engine-core process does. --distributed-executor-backend uni opts out.
+        parallel["distributed_executor_backend"] = "mp"
     engine_args = EngineArgs.from_kwargs(
-        **_parallel_args(args),
+        **parallel,
         model=args.model,
         dtype=args.dtype,
         max_model_len=args.max_model_len,

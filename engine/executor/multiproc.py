@@ -171,6 +171,8 @@ class MultiprocExecutor(Executor):
         self._call("remove_lora", lora_id)
 
     def describe(self) -> str:
+        if self.tp_size == 1:
+            return f"one worker process ({self.cfg.device})"
         return f"{self.tp_size} worker processes (tensor parallel, {self.cfg.device})"
 
     def shutdown(self) -> None:

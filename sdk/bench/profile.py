@@ -61,13 +61,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=300)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--distributed-executor-backend",
+        choices=["uni", "mp"],
+        default="mp",
+        help="mp: the model in a worker process (kvloom serve's default); uni: in the server process",
+    )
     args = ap.parse_args(argv)
 
     import kvloom
     from kvloom.async_llm import AsyncLLM
     from kvloom.bench.workload import make_workload
 
-    client = AsyncLLM(model=args.model)
+    client = AsyncLLM(model=args.model, distributed_executor_backend=args.distributed_executor_backend)
     engine = client.engine
     tokenizer = engine.tokenizer
     item = make_workload(tokenizer, 1, seed=0, prompt_len=(args.prompt_len, args.prompt_len))[0]
