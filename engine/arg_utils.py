@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 # vLLM engine arguments that make no difference to this engine; accepted so code written for
 # vLLM keeps working, and reported once.
@@ -11,8 +11,6 @@ IGNORED_VLLM_ARGS = frozenset(
         "swap_space",
         "enforce_eager",
         "tokenizer_mode",
-        "revision",
-        "tokenizer_revision",
         "code_revision",
         "max_seq_len_to_capture",
         "disable_custom_all_reduce",
@@ -21,10 +19,8 @@ IGNORED_VLLM_ARGS = frozenset(
         "task",
         "skip_tokenizer_init",
         "allowed_local_media_path",
-        "hf_token",
         "compilation_config",
         "disable_log_stats",
-        "quantization",
         "load_format",
         "kv_cache_dtype",
         "enable_lora_bias",
@@ -66,6 +62,14 @@ class EngineArgs:
     distributed_executor_backend: str | None = None
     device: str = "auto"
     download_dir: str | None = None
+    # None: the checkpoint's quantization_config; "gptq", "awq", "fp8", "gguf" (checkpoint formats,
+    # vLLM's names) or kvloom's on-the-fly weight-only "int8" / "int4" (see engine/model_loader/quant_formats).
+    quantization: str | None = None
+    # Hub ids: the model's git revision (branch, tag or commit), the tokenizer's (defaults to revision),
+    # and the token (None: HF_TOKEN or the stored login; True: the stored login).
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    hf_token: bool | str | None = field(default=None, repr=False)
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16

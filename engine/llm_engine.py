@@ -26,7 +26,8 @@ from kvloom.engine.log import configure_default_logging
 from kvloom.engine.lora.adapter import lora_shapes
 from kvloom.engine.lora.manager import LoRAManager
 from kvloom.engine.lora.request import LoRARequest
-from kvloom.engine.model_loader.resolve import resolve_model
+from kvloom.engine.model_loader.quant_formats import check_quantization_name, resolve_quantization
+from kvloom.engine.model_loader.resolve import resolve_gguf_quantized, resolve_model, resolve_tokenizer
 from kvloom.engine.models.arch import ArchConfig
 from kvloom.engine.output_processor import OutputProcessor
 from kvloom.engine.outputs import RequestOutput
@@ -67,12 +68,29 @@ class LLMEngine:
         speculative = SpeculativeConfig.from_user(args.speculative_config)
         if not isinstance(args.tensor_parallel_size, int) or args.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {args.tensor_parallel_size!r}")
-        self.model_dir = resolve_model(model_cfg.model, args.download_dir)
+        check_quantization_name(args.quantization)  # an unknown name fails before any download
+        if args.quantization == "gguf":
+            self.model_dir = resolve_gguf_quantized(model_cfg.model, args.download_dir)
+        else:
+            self.model_dir = resolve_model(
+                model_cfg.model, args.download_dir, revision=args.revision, token=args.hf_token
+            )
         hf_config = json.loads((Path(self.model_dir) / "config.json").read_text())
         self.arch = ArchConfig.from_hf_config(hf_config)
+        self.quant_config = resolve_quantization(args.quantization, hf_config)
         self.device = _pick_device(model_cfg.device)
         self.dtype = _pick_dtype(model_cfg.dtype, self.arch, self.device)
-        self.tokenizer = _load_tokenizer(model_cfg.tokenizer or self.model_dir)
+        self.tokenizer = _load_tokenizer(
+            resolve_tokenizer(
+                model_cfg.tokenizer,
+                self.model_dir,
+                model_cfg.model,
+                args.download_dir,
+                revision=args.revision,
+                tokenizer_revision=args.tokenizer_revision,
+                token=args.hf_token,
+            )
+        )
         self.model_name = args.model or "smollm2-135m-instruct"
         # Under torchrun every rank runs the same requests in lockstep (see InputProcessor).
         self.lockstep = args.distributed_executor_backend == "external_launcher"
@@ -99,6 +117,7 @@ class LLMEngine:
             args.max_loras,
             args.max_lora_rank,
             max_cpu_loras,
+            quantization=self.quant_config,
         )
         eos_token_id, extra_eos = _eos_ids(self.tokenizer, self.arch, self.model_dir)
         stop_ids = [t for t in (eos_token_id, *extra_eos) if t is not None]

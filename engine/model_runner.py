@@ -8,6 +8,8 @@ import mmap
 import torch
 from torch.overrides import TorchFunctionMode
 
+from kvloom.engine.layers.quant import QuantConfig, finish_quantization, prepare_quantization
+from kvloom.engine.model_loader.quant_formats import convert_weights
 from kvloom.engine.model_loader.weights import iter_weights
 from kvloom.engine.models import build_model
 from kvloom.engine.models.arch import ArchConfig
@@ -29,6 +31,7 @@ class ModelRunner:
         block_size: int,
         seed: int,
         tp: TPContext = SINGLE,
+        quantization: QuantConfig | None = None,
     ) -> None:
         self.arch = arch
         self.dtype = dtype
@@ -40,8 +43,17 @@ class ModelRunner:
         self.kernels = get_backend(device, dtype)
         with torch.device(device), _FactoryDtype(dtype):
             self.model = build_model(arch, self.kernels, tp)
+            if quantization is not None:
+                if quantization.bits is not None and device.type != "cpu":
+                    raise ValueError(f"quantization={quantization.method!r} runs on CPU only (device {device})")
+                prepare_quantization(self.model, quantization)
         if model_dir is not None:
-            self.model.load_weights(iter_weights(model_dir, dtype))
+            if quantization is None:
+                self.model.load_weights(iter_weights(model_dir, dtype))
+            else:  # int tensors and their float32 scales keep their own dtypes
+                self.model.load_weights(convert_weights(iter_weights(model_dir, None), quantization, dtype))
+        if quantization is not None:
+            finish_quantization(self.model, quantization)
         self.model.eval()
         self.sampler = Sampler(arch.vocab_size, seed)
         self.states: dict[str, SamplingState] = {}

@@ -13,6 +13,7 @@ import psutil
 import torch
 
 from kvloom.engine.config import CacheConfig
+from kvloom.engine.layers.quant import QuantConfig
 from kvloom.engine.lora.request import LoRARequest
 from kvloom.engine.lora.worker import WorkerLoRA
 from kvloom.engine.model_runner import ModelRunner
@@ -40,6 +41,7 @@ class WorkerConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int = 1
+    quantization: QuantConfig | None = None
 
 
 class Worker:
@@ -47,7 +49,9 @@ class Worker:
         self.cfg = cfg
         self.tp = tp
         device = torch.device(cfg.device)
-        self.runner = ModelRunner(cfg.arch, cfg.model_dir, cfg.dtype, device, cfg.block_size, cfg.seed, tp)
+        self.runner = ModelRunner(
+            cfg.arch, cfg.model_dir, cfg.dtype, device, cfg.block_size, cfg.seed, tp, quantization=cfg.quantization
+        )
         if cfg.enable_lora:
             self.runner.lora = WorkerLoRA(
                 self.runner.model,

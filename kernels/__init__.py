@@ -69,10 +69,14 @@ def _cpu_backend() -> KernelBackend | None:
     if ops is None:
         return None
 
-    def decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale):
+    def decode(
+        q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, sliding_window=None, logits_soft_cap=None
+    ):
+        args = (q, k_cache, v_cache, block_tables, seq_lens, block_size, scale)
         if q.dtype != torch.float32:
-            return torch_ref.decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale)
-        return ops.paged_attention_decode(q.contiguous(), k_cache, v_cache, block_tables, seq_lens, block_size, scale)
+            return torch_ref.decode_attention_ref(*args, sliding_window, logits_soft_cap)
+        # The C++ kernel takes 0 for "no window" and "no soft cap".
+        return ops.paged_attention_decode(q.contiguous(), *args[1:], sliding_window or 0, logits_soft_cap or 0.0)
 
     def rms_norm(x, residual, weight, eps):
         if residual is None:

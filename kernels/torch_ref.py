@@ -50,45 +50,85 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     decode_attention: Callable | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of a flat batch of tokens over the paged cache.
 
     query: [T, heads, head_size]; key/value: the same tokens' [T, kv_heads, head_size], already
     written to the cache. Decode tokens come first (one per sequence) and are computed in one
     batched call (by decode_attention when a faster kernel is given); each prefill chunk is
-    computed on its own.
+    computed on its own. With sliding_window W a query at position p sees only positions
+    p - W + 1 .. p (HF's convention); logits_soft_cap c maps scores s to c * tanh(s / c) before
+    the softmax (Gemma 2).
     """
     out = torch.empty_like(query)
     nd = meta.num_decodes
     if nd:
         decode = decode_attention or decode_attention_ref
         out[:nd] = decode(
-            query[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, meta.block_size, scale
+            query[:nd],
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_seq_lens,
+            meta.block_size,
+            scale,
+            sliding_window=sliding_window,
+            logits_soft_cap=logits_soft_cap,
         )
     for i, (q_start, q_len, ctx_len) in enumerate(meta.prefills):
         q = query[q_start : q_start + q_len]
+        offset = ctx_len - q_len
+        # Keys before `first` are outside every query's window: neither gathered nor scored.
+        first = 0 if sliding_window is None else max(0, offset - sliding_window + 1)
         if ctx_len == q_len:
             # Nothing cached before this chunk: attend to the chunk's own keys.
             k, v = key[q_start : q_start + q_len], value[q_start : q_start + q_len]
         else:
-            table = meta.prefill_block_tables[i : i + 1]
-            k = gather_keys(k_cache, table)[0, :ctx_len]
-            v = gather_values(v_cache, table)[0, :ctx_len]
-        out[q_start : q_start + q_len] = _causal_attention(q, k, v, ctx_len - q_len, scale)
+            table = meta.prefill_block_tables[i : i + 1, first // meta.block_size :]
+            skip = first % meta.block_size
+            k = gather_keys(k_cache, table)[0, skip : skip + ctx_len - first]
+            v = gather_values(v_cache, table)[0, skip : skip + ctx_len - first]
+        out[q_start : q_start + q_len] = _causal_attention(
+            q, k, v, offset, scale, sliding_window, logits_soft_cap, first
+        )
     return out
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
-    """q: [q_len, H, D] at positions offset.., k/v: [offset + q_len, kvH, D]."""
+def _causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offset: int,
+    scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    k_start: int = 0,
+) -> torch.Tensor:
+    """q: [q_len, H, D] at positions offset.., k/v: [offset + q_len - k_start, kvH, D] at positions k_start.."""
     q_len = q.shape[0]
     qh, kh, vh = q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
     gqa = q.shape[1] != k.shape[1]
-    if offset == 0:
+    if offset == 0 and sliding_window is None and logits_soft_cap is None:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
-        rows = torch.arange(q_len, device=q.device).unsqueeze(1) + offset
-        mask = torch.arange(k.shape[0], device=q.device).unsqueeze(0) <= rows
+        return o[0].transpose(0, 1)
+    rows = torch.arange(q_len, device=q.device).unsqueeze(1) + offset
+    cols = torch.arange(k.shape[0], device=q.device).unsqueeze(0) + k_start
+    mask = cols <= rows
+    if sliding_window is not None:
+        mask &= cols > rows - sliding_window
+    if logits_soft_cap is None:
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        return o[0].transpose(0, 1)
+    # Soft-capping changes the scores before the softmax, which SDPA cannot do: compute them here.
+    if gqa:
+        group = q.shape[1] // k.shape[1]
+        kh, vh = kh.repeat_interleave(group, dim=1), vh.repeat_interleave(group, dim=1)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    o = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), vh)
     return o[0].transpose(0, 1)
 
 
@@ -100,8 +140,13 @@ def decode_attention_ref(
     seq_lens: torch.Tensor,
     block_size: int,
     scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
-    """One query token per row against the first seq_lens[row] tokens of its block table; q: [B, H, D]."""
+    """One query token per row against the first seq_lens[row] tokens of its block table; q: [B, H, D].
+
+    With sliding_window W only the last W of those tokens; logits_soft_cap as in paged_attention.
+    """
     b, heads, head_size = q.shape
     k = gather_keys(k_cache, block_tables)
     v = gather_values(v_cache, block_tables)
@@ -109,7 +154,12 @@ def decode_attention_ref(
     # Group the query heads that share a KV head so one batched matmul serves the group.
     qg = q.view(b, kv_heads, heads // kv_heads, head_size)
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # [B, kvH, g, L]
-    mask = torch.arange(k.shape[1], device=q.device).unsqueeze(0) >= seq_lens.unsqueeze(1)
+    if logits_soft_cap is not None:
+        scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+    cols = torch.arange(k.shape[1], device=q.device).unsqueeze(0)
+    mask = cols >= seq_lens.unsqueeze(1)
+    if sliding_window is not None:
+        mask |= cols < (seq_lens - sliding_window).unsqueeze(1)
     scores.masked_fill_(mask.view(b, 1, 1, -1), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     o = torch.matmul(probs, v.transpose(1, 2))  # [B, kvH, g, D]

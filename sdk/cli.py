@@ -14,11 +14,13 @@ def _generate(args: argparse.Namespace) -> None:
     llm = LLM(
         args.model,
         dtype=args.dtype,
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         speculative_config=args.speculative_config,
         **_parallel_args(args),
+        **_hub_args(args),
     )
     params = SamplingParams(
         temperature=args.temperature,
@@ -73,6 +75,38 @@ def _parallel_args(args: argparse.Namespace) -> dict:
     )
 
 
+def _add_quantization_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantization",
+        "-q",
+        default=None,
+        help="gptq, awq, fp8, gguf (keep a .gguf's Q4/Q8 weights), or int8/int4 (quantize a float model "
+        "at load); default: the checkpoint's quantization_config",
+    )
+
+
+def _add_hub_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None, help="the hub model's branch, tag or commit (default: main)")
+    p.add_argument("--tokenizer-revision", default=None, help="the tokenizer's revision (default: --revision)")
+    p.add_argument("--download-dir", default=None, help="cache directory for downloads (default: HF_HUB_CACHE)")
+    p.add_argument(
+        "--hf-token",
+        nargs="?",
+        const=True,
+        default=None,
+        help="hub token; without a value, the stored `hf auth login` token (default: HF_TOKEN or the login)",
+    )
+
+
+def _hub_args(args: argparse.Namespace) -> dict:
+    return dict(
+        revision=args.revision,
+        tokenizer_revision=args.tokenizer_revision,
+        download_dir=args.download_dir,
+        hf_token=args.hf_token,
+    )
+
+
 def _serve(args: argparse.Namespace) -> None:
     import os
     import signal
@@ -92,8 +126,10 @@ def _serve(args: argparse.Namespace) -> None:
         parallel["distributed_executor_backend"] = "mp"
     engine_args = EngineArgs.from_kwargs(
         **parallel,
+        **_hub_args(args),
         model=args.model,
         dtype=args.dtype,
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -144,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     gen = sub.add_parser("generate", help="complete one prompt and print the answer")
     gen.add_argument("prompt")
     gen.add_argument(
-        "--model", default=None, help="local HF dir, .gguf file, or alias (default: smollm2-135m-instruct)"
+        "--model",
+        default=None,
+        help="hub id (org/name), local HF dir, .gguf file, or alias (default: smollm2-135m-instruct)",
     )
     gen.add_argument("--raw", action="store_true", help="plain completion instead of the chat template")
     gen.add_argument("--max-tokens", type=int, default=128)
@@ -153,14 +191,18 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[])
     gen.add_argument("--dtype", default="auto")
+    _add_quantization_flag(gen)
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--kv-cache-memory-gb", type=float, default=None)
     _add_parallel_flags(gen)
     _add_latency_args(gen)
+    _add_hub_flags(gen)
     gen.set_defaults(func=_generate)
 
     srv = sub.add_parser("serve", help="run the OpenAI-compatible server")
-    srv.add_argument("model", nargs="?", default=None, help="local HF dir, .gguf, or alias (default model if omitted)")
+    srv.add_argument(
+        "model", nargs="?", default=None, help="hub id (org/name), local HF dir, .gguf, or alias (default if omitted)"
+    )
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (or KVLOOM_API_KEY)")
@@ -207,12 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     _add_latency_args(srv)
     srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     srv.add_argument("--dtype", default="auto")
+    _add_quantization_flag(srv)
     srv.add_argument("--kv-cache-memory-gb", type=float, default=None)
     srv.add_argument("--seed", type=int, default=0)
     _add_parallel_flags(srv)
+    _add_hub_flags(srv)
     srv.set_defaults(func=_serve)
 
-    benches = ["throughput", "prefix", "serve", "profile", "linear", "lora", "structured", "soak", "tp"]
+    benches = ["throughput", "prefix", "serve", "profile", "linear", "lora", "structured", "soak", "tp", "quant"]
     bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(benches)}")
     bench.add_argument("which", choices=benches)
     bench.add_argument("rest", nargs=argparse.REMAINDER)

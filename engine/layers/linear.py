@@ -20,16 +20,20 @@ class _Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPContext) -> None:
         super().__init__()
         self.tp = tp
+        # This rank's sizes; a quantized layer (kvloom.engine.layers.quant) replaces `weight` by int tensors.
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.params_dtype, self.params_device = self.weight.dtype, self.weight.device
         self.weight.weight_loader = self.weight_loader
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         self.lora = None  # a LinearLoRA once the engine enables LoRA
+        self.quant = None  # a QuantizedLinearMethod when the weights are int8/int4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = dense_linear(x, self.weight, self.bias)
+        y = dense_linear(x, self.weight, self.bias) if self.quant is None else self.quant.apply(x, self.bias)
         if self.lora is not None:
             self.lora.apply(x, y)
         return y
@@ -37,7 +41,7 @@ class _Linear(nn.Module):
     # ---- this rank's slices (checkpoint weights and LoRA weights alike) ----------------------
     def output_slices(self) -> list[tuple[object, int, int]]:
         """(shard id, offset, size) of each sub-projection in this rank's output features."""
-        return [(None, 0, self.weight.shape[0])]
+        return [(None, 0, self.out_features)]
 
     def shard_rows(self, t: torch.Tensor, shard_id: object = None) -> torch.Tensor:
         """This rank's output rows of a full tensor for sub-projection shard_id."""
@@ -61,7 +65,7 @@ class ColumnParallelLinear(_Linear):
         super().__init__(in_features, tp.shard(out_features, "output features"), bias, tp)
 
     def shard_rows(self, t: torch.Tensor, shard_id: object = None) -> torch.Tensor:
-        size = self.weight.shape[0]
+        size = self.out_features
         return t.narrow(0, self.tp.rank * size, size)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -132,7 +136,7 @@ class RowParallelLinear(_Linear):
         super().__init__(tp.shard(in_features, "input features"), out_features, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = dense_linear(x, self.weight)
+        y = dense_linear(x, self.weight) if self.quant is None else self.quant.apply(x)
         y = self.tp.all_reduce(y)
         if self.lora is not None:
             # Shrink on this rank's input columns, sum the partial [T, r] over ranks, then expand.
@@ -141,7 +145,7 @@ class RowParallelLinear(_Linear):
         return y + self.bias if self.bias is not None else y
 
     def shard_cols(self, t: torch.Tensor) -> torch.Tensor:
-        size = self.weight.shape[1]
+        size = self.in_features
         return t.narrow(1, self.tp.rank * size, size)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:

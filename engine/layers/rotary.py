@@ -1,4 +1,8 @@
-"""Rotary position embedding (NeoX half-split layout, as HF Llama) with default/linear/llama3 scaling."""
+"""Rotary position embedding (NeoX half-split layout, as HF Llama) with default/linear/llama3 scaling.
+
+A rotary_dim below head_size rotates only the first rotary_dim dimensions of each head (Phi-3's
+partial_rotary_factor) and passes the rest through.
+"""
 
 from __future__ import annotations
 
@@ -43,14 +47,26 @@ class RotaryEmbedding(nn.Module):
         base: float,
         scaling: dict | None = None,
         kernels: KernelBackend = TORCH,
+        rotary_dim: int | None = None,
     ):
         super().__init__()
         self.kernels = kernels
-        inv_freq = _inv_freq(head_size, base, scaling)
+        self.head_size = head_size
+        self.rotary_dim = rotary_dim or head_size
+        if self.rotary_dim % 2 or self.rotary_dim > head_size:
+            raise ValueError(f"rotary dimension {self.rotary_dim} must be even and at most head_dim {head_size}")
+        inv_freq = _inv_freq(self.rotary_dim, base, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, H, D], k: [T, kvH, D] rotated at their positions (possibly in place)."""
-        return self.kernels.rotary_embedding(positions, q, k, self.cos, self.sin)
+        if self.rotary_dim == self.head_size:
+            return self.kernels.rotary_embedding(positions, q, k, self.cos, self.sin)
+        rd = self.rotary_dim
+        # Fresh copies in the standard layout (.contiguous() would keep a one-head slice's strides).
+        q_rot = q[..., :rd].clone(memory_format=torch.contiguous_format)
+        k_rot = k[..., :rd].clone(memory_format=torch.contiguous_format)
+        q_rot, k_rot = self.kernels.rotary_embedding(positions, q_rot, k_rot, self.cos, self.sin)
+        return torch.cat((q_rot, q[..., rd:]), dim=-1), torch.cat((k_rot, k[..., rd:]), dim=-1)

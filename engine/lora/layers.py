@@ -43,9 +43,10 @@ class LinearLoRA:
         self.rank = max_rank
         self.ctx = ctx
         self.kernels = kernels
-        w = layer.weight
-        self.a = torch.zeros(max_loras, len(modules) * max_rank, w.shape[1], dtype=w.dtype, device=w.device)
-        self.b = torch.zeros(max_loras, w.shape[0], max_rank, dtype=w.dtype, device=w.device)
+        # Sizes from the layer, not its weight: a quantized base layer holds packed int weights.
+        dtype, device = layer.params_dtype, layer.params_device
+        self.a = torch.zeros(max_loras, len(modules) * max_rank, layer.in_features, dtype=dtype, device=device)
+        self.b = torch.zeros(max_loras, layer.out_features, max_rank, dtype=dtype, device=device)
 
     def set_slot(self, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None) -> None:
         """Copy an adapter's weights for this layer into a slot (None clears it)."""

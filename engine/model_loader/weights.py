@@ -28,9 +28,10 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iter_weights(model_dir: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every (name, tensor) of the checkpoint, cast to dtype."""
+def iter_weights(model_dir: str | Path, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (name, tensor) of the checkpoint, cast to dtype (None: as stored, for quantized checkpoints)."""
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name).to(dtype)
+                tensor = f.get_tensor(name)
+                yield name, tensor if dtype is None else tensor.to(dtype)

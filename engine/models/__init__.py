@@ -5,7 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from kvloom.engine.models.arch import ArchConfig
+from kvloom.engine.models.gemma import GemmaForCausalLM
 from kvloom.engine.models.llama import LlamaForCausalLM
+from kvloom.engine.models.moe import MoeForCausalLM
+from kvloom.engine.models.phi3 import Phi3ForCausalLM
+from kvloom.engine.models.qwen3 import Qwen3ForCausalLM
 from kvloom.engine.parallel import TPContext
 from kvloom.kernels import KernelBackend
 
@@ -14,6 +18,12 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
+    "MixtralForCausalLM": MoeForCausalLM,
+    "Qwen2MoeForCausalLM": MoeForCausalLM,
 }
 
 

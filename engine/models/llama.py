@@ -18,15 +18,23 @@ from kvloom.kernels import AttentionMetadata, KernelBackend
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ArchConfig, kernels: KernelBackend, tp: TPContext) -> None:
+    def __init__(self, cfg: ArchConfig, kernels: KernelBackend, tp: TPContext, layer_idx: int = 0) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size, cfg.head_size, cfg.num_heads, cfg.num_kv_heads, bias=cfg.attention_bias, tp=tp
         )
         # Qwen2 has biases on q/k/v only; Llama's attention_bias covers o_proj too.
-        o_bias = cfg.attention_bias and cfg.architecture != "Qwen2ForCausalLM"
+        o_bias = cfg.attention_bias and cfg.architecture not in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_size, cfg.hidden_size, bias=o_bias, tp=tp)
-        self.rotary = RotaryEmbedding(cfg.head_size, cfg.max_position, cfg.rope_theta, cfg.rope_scaling, kernels)
+        rotary_dim = int(cfg.head_size * cfg.partial_rotary_factor)
+        self.rotary = RotaryEmbedding(
+            cfg.head_size, cfg.max_position, cfg.rope_theta, cfg.rope_scaling, kernels, rotary_dim
+        )
+        self.sliding_window = cfg.sliding_window_of(layer_idx)
+        # Set by subclasses: per-head q/k norms (both or neither) and an attention logit soft cap.
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
+        self.logits_soft_cap: float | None = None
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_size = cfg.head_size
@@ -43,13 +51,27 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_size)
-        k = k.view(-1, self.num_kv_heads, self.head_size)
+        if self.q_norm is not None:
+            # Per-head norms (Qwen3, Gemma 3) see one head per row: [T * heads, head_size].
+            q = self.q_norm(q.contiguous().view(-1, self.head_size))
+            k = self.k_norm(k.contiguous().view(-1, self.head_size))
+        q = q.reshape(-1, self.num_heads, self.head_size)
+        k = k.reshape(-1, self.num_kv_heads, self.head_size)
         v = v.view(-1, self.num_kv_heads, self.head_size)
         q, k = self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = self.kernels.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        o = self.kernels.paged_attention(
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            meta,
+            self.scale,
+            sliding_window=self.sliding_window,
+            logits_soft_cap=self.logits_soft_cap,
+        )
         return self.o_proj(o.reshape(-1, q_size))
 
 
@@ -65,9 +87,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, kernels: KernelBackend, tp: TPContext) -> None:
+    attention_cls: type[Attention] = Attention  # subclasses swap in a variant (Qwen3: q/k norms)
+
+    def __init__(self, cfg: ArchConfig, kernels: KernelBackend, tp: TPContext, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, kernels, tp)
+        self.self_attn = self.attention_cls(cfg, kernels, tp, layer_idx)
         self.mlp = MLP(cfg, kernels, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
@@ -86,6 +110,8 @@ class DecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Embedding, decoder layers, final norm and LM head; the forward returns hidden states."""
 
+    layer_cls: type[nn.Module] = DecoderLayer  # built as layer_cls(cfg, kernels, tp, layer_idx)
+
     # Checkpoint name fragment -> (our parameter fragment, shard id) for fused projections.
     stacked_params = {
         ".q_proj.": (".qkv_proj.", "q"),
@@ -100,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.tp = tp
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, kernels, tp) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.layer_cls(cfg, kernels, tp, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
 

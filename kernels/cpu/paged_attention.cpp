@@ -1,5 +1,6 @@
 // Paged attention for one query token per row, reading keys and values straight from the block
-// pool (no gather copy). Each row attends to the first seq_lens[row] tokens of its block table.
+// pool (no gather copy). Each row attends to the first seq_lens[row] tokens of its block table, or
+// with a sliding window W > 0 to the last W of them; a soft cap c > 0 maps scores s to c*tanh(s/c).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -45,13 +46,14 @@ inline void block_scores_avx512(const float* q, const float* kblock, int64_t d, 
 
 // Weighted sum of values for one query head with head_size = 16 * NC, accumulator in registers.
 template <int NC>
-inline void weighted_values_avx512(const float* p, const float* vc, const int64_t* table, int64_t ctx,
-                                   int64_t block_size, int64_t block_stride, float inv_sum, float* out) {
+inline void weighted_values_avx512(const float* p, const float* vc, const int64_t* table, int64_t start,
+                                   int64_t ctx, int64_t block_size, int64_t block_stride, float inv_sum,
+                                   float* out) {
   __m512 o[NC];
   for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
-  for (int64_t b = 0, t = 0; t < ctx; ++b) {
-    const float* vp = vc + table[b] * block_stride;
-    const int64_t stop = std::min(ctx, t + block_size);
+  for (int64_t b = start / block_size, t = start; t < ctx; ++b) {
+    const float* vp = vc + table[b] * block_stride + (t - b * block_size) * 16 * NC;
+    const int64_t stop = std::min(ctx, (b + 1) * block_size);
     if (stop < ctx) prefetch_bytes(vc + table[b + 1] * block_stride, block_size * 16 * NC);
     for (; t < stop; ++t, vp += 16 * NC) {
       const __m512 w = _mm512_set1_ps(p[t]);
@@ -84,7 +86,7 @@ inline bool block_scores_fast(int64_t group, const float* q, const float* kblock
 // one vector load covers a dimension of every token of the block); v_cache [num_blocks, KVH, block_size, D].
 torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, int64_t block_size,
-                                     double scale) {
+                                     double scale, int64_t sliding_window, double soft_cap) {
   TORCH_CHECK(query.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "float32 only");
   TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
   const int64_t n = query.size(0), heads = query.size(1), d = query.size(2);
@@ -102,6 +104,7 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
   const int64_t max_blocks = tables.size(1);
   float* o = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
+  const float cap = static_cast<float>(soft_cap);
   const int64_t block_stride = kv_heads * d * block_size;
 
   at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
@@ -109,13 +112,15 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / kv_heads, h = task % kv_heads;
       const int64_t ctx = sl[row];
+      // Scores keep absolute token indices; blocks wholly before the window are skipped.
+      const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, ctx - sliding_window) : 0;
       const int64_t* table = tb + row * max_blocks;
       // Room for a whole last block so vector stores never run past the buffer.
       const int64_t padded = ((ctx + block_size - 1) / block_size) * block_size;
       scores.resize(group * padded);
       float* s = scores.data();
       const float* qg = q + (row * heads + h * group) * d;
-      for (int64_t b = 0; b * block_size < ctx; ++b) {
+      for (int64_t b = start / block_size; b * block_size < ctx; ++b) {
         const float* kblock = kc + table[b] * block_stride + h * d * block_size;
         const int64_t valid = std::min(block_size, ctx - b * block_size);
         if ((b + 1) * block_size < ctx) {
@@ -139,11 +144,13 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
       }
       for (int64_t g = 0; g < group; ++g) {
         float* sg = s + g * padded;
+        if (cap > 0.f)
+          for (int64_t t = start; t < ctx; ++t) sg[t] = cap * std::tanh(sg[t] / cap);
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < ctx; ++t) mx = sg[t] > mx ? sg[t] : mx;
+        for (int64_t t = start; t < ctx; ++t) mx = sg[t] > mx ? sg[t] : mx;
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < ctx; ++t) {
+        for (int64_t t = start; t < ctx; ++t) {
           sg[t] = kvloom::fast_exp(sg[t] - mx);
           sum += sg[t];
         }
@@ -151,16 +158,16 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
         const float* vh = vc + h * block_size * d;
 #if defined(__AVX512F__)
         if (d == 64) {
-          weighted_values_avx512<4>(sg, vh, table, ctx, block_size, block_stride, 1.f / sum, out_row);
+          weighted_values_avx512<4>(sg, vh, table, start, ctx, block_size, block_stride, 1.f / sum, out_row);
           continue;
         }
         if (d == 128) {
-          weighted_values_avx512<8>(sg, vh, table, ctx, block_size, block_stride, 1.f / sum, out_row);
+          weighted_values_avx512<8>(sg, vh, table, start, ctx, block_size, block_stride, 1.f / sum, out_row);
           continue;
         }
 #endif
         for (int64_t i = 0; i < d; ++i) out_row[i] = 0.f;
-        for (int64_t t = 0; t < ctx; ++t) {
+        for (int64_t t = start; t < ctx; ++t) {
           const float* vp = vh + table[t / block_size] * block_stride + (t % block_size) * d;
           axpy(sg[t] / sum, vp, out_row, d);
         }
@@ -177,7 +184,9 @@ torch::Tensor silu_and_mul(torch::Tensor x);
 torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention_decode", &paged_attention_decode, "paged attention, one query token per row");
+  m.def("paged_attention_decode", &paged_attention_decode, "paged attention, one query token per row",
+        py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+        py::arg("block_size"), py::arg("scale"), py::arg("sliding_window") = 0, py::arg("soft_cap") = 0.0);
   m.def("rms_norm", &rms_norm, "RMSNorm with optional in-place residual add");
   m.def("rotary_embedding", &rotary_embedding, "in-place NeoX rotary embedding of q and k");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
