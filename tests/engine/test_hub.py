@@ -325,6 +325,8 @@ class _Stop(Exception):
 @pytest.mark.parametrize("command", ["serve", "generate"])
 def test_cli_passes_hub_flags(command: str, monkeypatch, tmp_path: Path) -> None:
     import kvloom
+    import kvloom.integrations.openai.server
+    import kvloom.serving  # noqa: F401  (imported before the patch: they bind AsyncLLM/LLM at import)
     from kvloom import async_llm, cli
 
     seen: dict = {}
