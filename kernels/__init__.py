@@ -14,6 +14,7 @@ from functools import partial
 import torch
 
 from . import torch_ref
+from .cpu_ops import load_cpu_ops
 from .metadata import AttentionMetadata, LoRAMetadata
 
 __all__ = ["AttentionMetadata", "KernelBackend", "LoRAMetadata", "dense_linear", "get_backend"]
@@ -54,8 +55,6 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
-        from .cpu_ops import load_cpu_ops
-
         ops = load_cpu_ops()
         if ops is not None:
             return ops.linear_small_m(x, weight, bias)
@@ -63,8 +62,6 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _cpu_backend() -> KernelBackend | None:
-    from .cpu_ops import load_cpu_ops
-
     ops = load_cpu_ops()
     if ops is None:
         return None

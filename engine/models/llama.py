@@ -137,12 +137,16 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(positions, x, residual, kv_cache, meta)
         x, _ = self.norm(x, residual)
         return x
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings (a subclass may scale them)."""
+        return self.embed_tokens(input_ids)
 
     # ---- LoRA --------------------------------------------------------------------------------
     def lora_targets(self) -> Iterable[tuple[int, nn.Module, list[str]]]:
