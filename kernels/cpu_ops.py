@@ -37,7 +37,7 @@ def _build():
     from torch.utils import cpp_extension
 
     digest = hashlib.sha256()
-    for src in [*_SOURCES, Path(__file__).parent / "cpu" / "fast_exp.h"]:
+    for src in [*_SOURCES, *(Path(__file__).parent / "cpu" / h for h in ("fast_exp.h", "thread_pool.h"))]:
         digest.update(src.read_bytes())
     digest.update(" ".join(_FLAGS).encode())
     name = f"kvloom_cpu_ops_{digest.hexdigest()[:12]}"

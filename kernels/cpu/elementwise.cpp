@@ -2,6 +2,8 @@
 // place, SiLU(gate) * up. Each replaces several memory passes of the torch reference with one.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "thread_pool.h"
 #include <cmath>
 
 #include "fast_exp.h"
@@ -31,7 +33,7 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, t
   float* rp = residual.has_value() ? residual->data_ptr<float>() : nullptr;
   if (rp) TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(), "residual like x");
   const float feps = static_cast<float>(eps);
-  at::parallel_for(0, t, 16, [&](int64_t begin, int64_t end) {
+  kvloom::parallel_for(0, t, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const float* src = xp + row * h;
       if (rp) {
@@ -60,7 +62,7 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
   float* qp = q.data_ptr<float>();
   float* kp = k.data_ptr<float>();
   const int64_t qs = q.stride(0), ks = k.stride(0);
-  at::parallel_for(0, t, 16, [&](int64_t begin, int64_t end) {
+  kvloom::parallel_for(0, t, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const float* c = cp + pos[row] * half;
       const float* s = sp + pos[row] * half;
@@ -84,7 +86,7 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
   auto out = torch::empty({t, inter}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, t, 16, [&](int64_t begin, int64_t end) {
+  kvloom::parallel_for(0, t, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const float* g = xp + row * 2 * inter;
       const float* u = g + inter;

@@ -8,6 +8,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "thread_pool.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define KVLOOM_AVX2 1
@@ -85,7 +87,7 @@ torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<tor
   const int64_t full = n / kRows;
   // Enough blocks per task that a task streams at least ~64 KB of weights.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k * kRows, 1));
-  at::parallel_for(0, full, grain, [&](int64_t begin, int64_t end) {
+  kvloom::parallel_for(0, full, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) block<kRows>(xp, wp + b * kRows * k, yp, rows, k, n, b * kRows);
   });
   for (int64_t r = full * kRows; r < n; ++r) block<1>(xp, wp + r * k, yp, rows, k, n, r);

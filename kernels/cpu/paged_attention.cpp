@@ -3,6 +3,8 @@
 // with a sliding window W > 0 to the last W of them; a soft cap c > 0 maps scores s to c*tanh(s/c).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "thread_pool.h"
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -107,7 +109,7 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
   const float cap = static_cast<float>(soft_cap);
   const int64_t block_stride = kv_heads * d * block_size;
 
-  at::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  kvloom::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / kv_heads, h = task % kv_heads;
@@ -183,12 +185,18 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
 torch::Tensor silu_and_mul(torch::Tensor x);
 torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 
+// The kernels release the GIL while they run (as torch's own ops do): the server's threads and other
+// engines keep going meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention_decode", &paged_attention_decode, "paged attention, one query token per row",
         py::arg("query"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
-        py::arg("block_size"), py::arg("scale"), py::arg("sliding_window") = 0, py::arg("soft_cap") = 0.0);
-  m.def("rms_norm", &rms_norm, "RMSNorm with optional in-place residual add");
-  m.def("rotary_embedding", &rotary_embedding, "in-place NeoX rotary embedding of q and k");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
-  m.def("linear_small_m", &linear_small_m, "float32 x @ w^T (+ bias) for few rows (decode batches)");
+        py::arg("block_size"), py::arg("scale"), py::arg("sliding_window") = 0, py::arg("soft_cap") = 0.0,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm, "RMSNorm with optional in-place residual add",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rotary_embedding", &rotary_embedding, "in-place NeoX rotary embedding of q and k",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", py::call_guard<py::gil_scoped_release>());
+  m.def("linear_small_m", &linear_small_m, "float32 x @ w^T (+ bias) for few rows (decode batches)",
+        py::call_guard<py::gil_scoped_release>());
 }
