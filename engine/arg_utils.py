@@ -4,28 +4,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-# vLLM engine arguments that make no difference to this engine; accepted so code written for
-# vLLM keeps working, and reported once.
+# vLLM engine arguments that make no difference to this engine (knobs of GPU code paths kvloom does not
+# have); accepted so code written for vLLM keeps working, and reported once by LLM().
 IGNORED_VLLM_ARGS = frozenset(
     {
-        "swap_space",
-        "enforce_eager",
-        "tokenizer_mode",
-        "code_revision",
-        "max_seq_len_to_capture",
+        "swap_space",  # preemption recomputes, as in vLLM V1 (which no longer swaps)
+        "enforce_eager",  # kvloom never captures CUDA graphs: it always runs eagerly
+        "code_revision",  # the revision of a model's remote code, which kvloom never runs
+        "max_seq_len_to_capture",  # CUDA graph capture sizes
         "disable_custom_all_reduce",
         "disable_async_output_proc",
-        "cpu_offload_gb",
-        "task",
-        "skip_tokenizer_init",
-        "allowed_local_media_path",
+        "allowed_local_media_path",  # kvloom serves text; media inputs are refused anyway
         "compilation_config",
-        "disable_log_stats",
-        "load_format",
-        "kv_cache_dtype",
-        "enable_lora_bias",
+        "disable_log_stats",  # kvloom logs no periodic throughput stats
     }
 )
+
+# vLLM engine arguments that change behaviour in vLLM: accepted at the value that means what kvloom
+# does (None is vLLM's "unset"), refused with the reason at any other.
+DEFAULT_ONLY_VLLM_ARGS: dict[str, tuple[tuple, str]] = {
+    "kv_cache_dtype": (("auto",), "the KV cache is kept in the model's dtype (no fp8 KV cache)"),
+    "load_format": (("auto", "safetensors"), "kvloom loads safetensors (and .gguf files given as the model)"),
+    "tokenizer_mode": (("auto", "hf"), "kvloom loads the Hugging Face tokenizer (no slow or mistral mode)"),
+    "skip_tokenizer_init": ((False,), "kvloom needs the tokenizer (prompts and stop strings are text)"),
+    "cpu_offload_gb": (
+        (0,),
+        "weights stay on the engine's device (a CPU engine holds them in host memory already)",
+    ),
+    "enable_lora_bias": ((False,), "LoRA adapters with bias weights are not supported"),
+}
+
+# vLLM's dtype spellings for the names kvloom's configs use.
+_DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 
 
 # Parallel options kvloom does not implement: accepted only at their single-process value (or
@@ -77,6 +87,19 @@ class EngineArgs:
     long_prefill_token_threshold: int = 0
     # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, ...} (dict or JSON).
     speculative_config: dict | str | None = None
+    # Embedding models (see kvloom.engine.pooling.config): runner "auto" | "generate" | "pooling";
+    # convert "embed" turns a decoder into an embedding model; task is vLLM's older spelling
+    # ("generate", "embed"); pooler_config (override_pooler_config, vLLM's older name) is
+    # {"pooling_type": "CLS" | "MEAN" | "LAST", "normalize": bool}, a dict or JSON.
+    runner: str = "auto"
+    convert: str = "auto"
+    task: str | None = None
+    pooler_config: dict | str | None = None
+    override_pooler_config: dict | str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):
+            self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -92,8 +115,18 @@ class EngineArgs:
                     f"{name}={kwargs[name]!r} is not supported: kvloom runs tensor parallelism only "
                     "(tensor_parallel_size); leave it at its default"
                 )
+        for name, (accepted, why) in DEFAULT_ONLY_VLLM_ARGS.items():
+            if name in kwargs and kwargs[name] is not None and kwargs[name] not in accepted:
+                raise ValueError(
+                    f"{name}={kwargs[name]!r} is not supported: {why}; accepted: {', '.join(map(repr, accepted))}"
+                )
         unknown = sorted(
-            k for k in kwargs if k not in known and k not in IGNORED_VLLM_ARGS and k not in UNSUPPORTED_PARALLEL_ARGS
+            k
+            for k in kwargs
+            if k not in known
+            and k not in IGNORED_VLLM_ARGS
+            and k not in UNSUPPORTED_PARALLEL_ARGS
+            and k not in DEFAULT_ONLY_VLLM_ARGS
         )
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvloom.engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from kvloom.engine.executor import Executor, WorkerDiedError
@@ -47,6 +48,8 @@ class EngineCoreOutputs:
     prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)
     # Sequences that failed the step by themselves (their requests must fail), id -> the error.
     failed: dict[str, Exception] = field(default_factory=dict)
+    # Embedding requests finished this step, id -> the pooled vector.
+    pooled: dict[str, Any] = field(default_factory=dict)
 
 
 class EngineCore:
@@ -67,7 +70,10 @@ class EngineCore:
     ) -> None:
         self.arch = arch
         self.executor = executor
-        num_blocks = executor.determine_num_kv_blocks(cache, max_num_batched_tokens)
+        if arch.is_encoder:
+            num_blocks = _encoder_blocks(arch, cache.block_size, max_model_len, max_num_seqs, max_num_batched_tokens)
+        else:
+            num_blocks = executor.determine_num_kv_blocks(cache, max_num_batched_tokens)
         executor.allocate_kv_cache(num_blocks)
         self.num_blocks = num_blocks
         self.max_model_len = self._max_model_len(max_model_len, num_blocks, cache.block_size)
@@ -175,7 +181,7 @@ class EngineCore:
                         logprobs.get(r.request_id) if last else None,
                     )
                 )
-        return EngineCoreOutputs(outputs, result.prompt_logprobs, failed)
+        return EngineCoreOutputs(outputs, result.prompt_logprobs, failed, result.pooler_output)
 
     def _propose(self) -> None:
         """Guess the next tokens of every running request in decode that can speculate."""
@@ -241,6 +247,7 @@ class EngineCore:
             logprobs += result.logprobs or [None] * len(result.req_ids)
             accepted += result.accepted_draft_ids or [[] for _ in result.req_ids]
             merged.prompt_logprobs.update(result.prompt_logprobs)
+            merged.pooler_output.update(result.pooler_output)
         if any(lp is not None for lp in logprobs):
             merged.logprobs = logprobs
         if any(accepted):
@@ -259,6 +266,9 @@ class EngineCore:
             num_used_kv_blocks=kv.num_used_blocks,
             prefix_cache_queries=kv.stats.queries,
             prefix_cache_hits=kv.stats.hits,
+            # Adapters in use (vLLM's lora_requests_info); list() copies each queue in one step.
+            running_lora_ids=sorted({r.lora_id for r in list(self.scheduler.running) if r.lora_id}),
+            waiting_lora_ids=sorted({r.lora_id for r in list(self.scheduler.waiting) if r.lora_id}),
         )
 
     def reset_prefix_cache(self) -> bool:
@@ -266,3 +276,15 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+def _encoder_blocks(
+    arch: ArchConfig, block_size: int, max_model_len: int | None, max_num_seqs: int, max_num_batched_tokens: int | None
+) -> int:
+    """Blocks for an encoder, which keeps no KV cache: they only count tokens for the scheduler.
+
+    Its requests finish in the step that computes them (never chunked), so one full step of
+    max_num_batched_tokens over up to max_num_seqs sequences is all that is ever held at once.
+    """
+    tokens = max_num_batched_tokens or max(DEFAULT_BATCHED_TOKENS, max_model_len or arch.max_position)
+    return -(-tokens // block_size) + max_num_seqs + 1

@@ -59,6 +59,11 @@ class InputProcessor:
         self.lockstep = lockstep
         self._ids = itertools.count()
 
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """The token ids that end a sequence unless ignore_eos (the primary EOS and the generation config's)."""
+        return ({self._eos_token_id} if self._eos_token_id is not None else set()) | self._extra_eos
+
     def process_prompt(self, prompt) -> tuple[str | None, list[int]]:
         """Accept a string, a list of token ids, or vLLM's {"prompt": ...}/{"prompt_token_ids": ...}."""
         if isinstance(prompt, dict):
@@ -92,6 +97,13 @@ class InputProcessor:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if params.use_beam_search:
+            # Beam search runs in the front end over 1-token requests (kvloom.beam_search).
+            raise ValueError(
+                "SamplingParams(use_beam_search=True) is not a request the engine runs: call "
+                "LLM.beam_search / AsyncLLM.beam_search with BeamSearchParams (the server and the "
+                "LangChain/LlamaIndex wrappers do this for use_beam_search)"
+            )
         vocab = self.vocab_size
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias token ids must be below the vocabulary size ({vocab})")

@@ -31,6 +31,9 @@ from kvloom.engine.model_loader.resolve import resolve_gguf_quantized, resolve_m
 from kvloom.engine.models.arch import ArchConfig
 from kvloom.engine.output_processor import OutputProcessor
 from kvloom.engine.outputs import RequestOutput
+from kvloom.engine.pooling.config import load_pooling_config
+from kvloom.engine.pooling.input import PoolingInputProcessor
+from kvloom.engine.pooling.params import PoolingParams
 from kvloom.engine.request import RequestStatus
 from kvloom.engine.sampling_params import SamplingParams
 from kvloom.engine.structured_output.manager import StructuredOutputManager
@@ -92,6 +95,12 @@ class LLMEngine:
             )
         )
         self.model_name = args.model or "smollm2-135m-instruct"
+        # An embedding engine (runner "pooling") pools each whole prompt: no chunked prefill, no prefix cache.
+        self.pooling_config = load_pooling_config(args, self.model_name, self.model_dir, hf_config, self.arch)
+        self.runner_type = "generate" if self.pooling_config is None else "pooling"
+        if self.pooling_config is not None:
+            cache_cfg.enable_prefix_caching = False
+            model_cfg.max_model_len = self.pooling_config.max_model_len(model_cfg.max_model_len)
         # Under torchrun every rank runs the same requests in lockstep (see InputProcessor).
         self.lockstep = args.distributed_executor_backend == "external_launcher"
 
@@ -140,7 +149,7 @@ class LLMEngine:
                 model_cfg.max_model_len,
                 args.max_num_seqs,
                 args.max_num_batched_tokens,
-                args.enable_chunked_prefill,
+                args.enable_chunked_prefill and self.pooling_config is None,
                 args.max_loras if args.enable_lora else 0,
                 self.structured_output,
                 self.lora_manager.release if self.lora_manager is not None else None,
@@ -166,6 +175,9 @@ class LLMEngine:
             self.lora_manager,
             self.lockstep,
         )
+        self.pooling_inputs = None
+        if self.pooling_config is not None:
+            self.pooling_inputs = PoolingInputProcessor(self.input_processor, self.pooling_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._errors: dict[str, Exception] = {}
         self.startup_seconds = time.perf_counter() - t0
@@ -185,7 +197,7 @@ class LLMEngine:
             (num_blocks - 1) * block_size / self.max_model_len,
             args.max_num_seqs,
             self.scheduler_config.max_num_batched_tokens,
-            "on" if args.enable_prefix_caching else "off",
+            "on" if cache_cfg.enable_prefix_caching else "off",
             args.long_prefill_token_threshold,
             "off" if speculative is None else speculative.describe(),
             executor.describe(),
@@ -222,7 +234,17 @@ class LLMEngine:
         arrival_time: float | None = None,
         lora_request=None,
     ) -> PreparedRequest:
-        """Validate and tokenize a request without touching engine state (safe from any thread)."""
+        """Validate and tokenize a request without touching engine state (safe from any thread).
+
+        An embedding engine takes PoolingParams (its requests end pooled); a generating one SamplingParams.
+        """
+        if self.pooling_inputs is not None:
+            return self.pooling_inputs.prepare_request(request_id, prompt, params, arrival_time, lora_request)
+        if isinstance(params, PoolingParams):
+            raise ValueError(
+                f"this engine generates text with {self.model_name}; embed() and encode() need an embedding "
+                "model engine: create it with runner='pooling' (or task='embed')"
+            )
         return self.input_processor.prepare_request(request_id, prompt, params, arrival_time, lora_request)
 
     def add_request(
@@ -339,7 +361,8 @@ class LLMEngine:
             "max_num_seqs": str(sched.max_num_seqs),
             "max_num_batched_tokens": str(sched.max_num_batched_tokens),
             "long_prefill_token_threshold": str(sched.long_prefill_token_threshold),
-            "enable_prefix_caching": str(args.enable_prefix_caching),
+            "enable_prefix_caching": str(self.kv_cache_manager.enable_caching),
+            "runner": self.runner_type,
             "speculative": "none" if spec is None else spec.describe(),
         }
 

@@ -14,6 +14,8 @@ from kvloom.engine.model_loader.weights import iter_weights
 from kvloom.engine.models import build_model
 from kvloom.engine.models.arch import ArchConfig
 from kvloom.engine.parallel import SINGLE, TPContext
+from kvloom.engine.pooling.params import PoolingParams
+from kvloom.engine.pooling.pooler import pool
 from kvloom.engine.sampler import Sampler, SamplingState, logprobs_row
 from kvloom.engine.scheduler.output import Logprobs, ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from kvloom.kernels import AttentionMetadata, LoRAMetadata, get_backend
@@ -57,6 +59,8 @@ class ModelRunner:
         self.model.eval()
         self.sampler = Sampler(arch.vocab_size, seed)
         self.states: dict[str, SamplingState] = {}
+        # Embedding requests (a pooling engine runs only these): pooled instead of sampled.
+        self.pooling: dict[str, PoolingParams] = {}
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.eos_token_ids: tuple[int, ...] = arch.eos_token_ids
         # A WorkerLoRA when LoRA is enabled; the adapter id of each request with one.
@@ -65,11 +69,16 @@ class ModelRunner:
 
     # ---- KV cache ----------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
+        if self.arch.is_encoder:
+            return 0  # bidirectional attention within the step: nothing is cached
         attn = self.model.layers[0].self_attn
         per_token = 2 * attn.num_kv_heads * attn.head_size * self.dtype.itemsize
         return per_token * self.block_size * self.arch.num_layers
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        if self.arch.is_encoder:
+            self.kv_caches = []
+            return
         attn = self.model.layers[0].self_attn
         # Keys are dimension-major inside a block, values token-major (see kvloom.kernels.torch_ref).
         k_shape = (num_blocks, attn.num_kv_heads, attn.head_size, self.block_size)
@@ -98,8 +107,12 @@ class ModelRunner:
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in out.finished_req_ids:
             self.states.pop(req_id, None)
+            self.pooling.pop(req_id, None)
             self.req_lora.pop(req_id, None)
         for new in out.new_requests:
+            if new.pooling_params is not None:
+                self.pooling[new.req_id] = new.pooling_params
+                continue
             self.states[new.req_id] = self._new_state(new.sampling_params, new.prompt_token_ids)
             if new.lora_id:
                 self.req_lora[new.req_id] = new.lora_id
@@ -123,6 +136,8 @@ class ModelRunner:
         finally:
             if self.lora is not None:
                 self.lora.ctx.meta = None
+        if self.pooling:
+            return self._pool(seqs, hidden, last_index)
 
         sampling = [i for i, s in enumerate(seqs) if s.do_sample]
         result = ModelRunnerOutput(req_ids=[seqs[i].req_id for i in sampling])
@@ -149,6 +164,19 @@ class ModelRunner:
         for req_id, drafts, token in zip(result.req_ids, accepted, result.sampled_token_ids):
             self.states[req_id].output_token_ids.extend((*drafts, token))
         return result
+
+    def _pool(self, seqs: list[ScheduledSeq], hidden: torch.Tensor, last_index: list[int]) -> ModelRunnerOutput:
+        """The embedding of every request whose prompt this step computed (rank 0; hidden is full on every rank)."""
+        assert all(s.req_id in self.pooling for s in seqs), "a pooling engine runs only embedding requests"
+        done = [i for i, s in enumerate(seqs) if s.do_sample]
+        if self.tp.rank != 0 or not done:
+            return ModelRunnerOutput()
+        # Prompts are never chunked or prefix-cached in a pooling engine: each is whole in this step.
+        assert all(seqs[i].start_pos == 0 for i in done)
+        lens = [len(seqs[i].token_ids) for i in done]
+        starts = [last_index[i] - n + 1 for i, n in zip(done, lens)]
+        vectors = pool(hidden, starts, lens, [self.pooling[seqs[i].req_id] for i in done])
+        return ModelRunnerOutput(pooler_output={seqs[i].req_id: v for i, v in zip(done, vectors)})
 
     def _sample(self, logits: torch.Tensor, result: ModelRunnerOutput, grammar) -> None:
         """One token per sampled sequence (logits: one row each, in result.req_ids order)."""

@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvloom.engine.detokenizer import IncrementalDetokenizer, find_stop_string
-from kvloom.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kvloom.engine.outputs import (
+    CompletionOutput,
+    Logprob,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestMetrics,
+    RequestOutput,
+)
 from kvloom.engine.sampling_params import RequestOutputKind, SamplingParams
 from kvloom.engine.scheduler.output import Logprobs
 
@@ -131,7 +138,24 @@ class OutputProcessor:
             output = self._make_output(state)
             if output is not None:
                 outputs.append(output)
+        outputs += self._pooled_outputs(core, now)
         return outputs, stopped
+
+    def _pooled_outputs(self, core: EngineCoreOutputs, now: float) -> list[PoolingRequestOutput]:
+        """The finished embedding requests of a step (each is one sequence, done in one piece)."""
+        outputs = []
+        for seq_id, data in core.pooled.items():
+            entry = self.seq_map.pop(seq_id, None)
+            if entry is None:  # aborted meanwhile
+                continue
+            state = entry[0]
+            state.num_finished = len(state.seqs)
+            state.metrics.first_token_time = state.metrics.finished_time = now
+            del self.requests[state.request_id]
+            outputs.append(
+                PoolingRequestOutput(state.request_id, PoolingOutput(data), state.prompt_token_ids, True, state.prompt)
+            )
+        return outputs
 
     def abort(self, request_id: str) -> tuple[RequestState | None, list[str]]:
         """Forget a request; returns its state and the engine sequence ids still running."""

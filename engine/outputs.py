@@ -68,3 +68,56 @@ class RequestOutput:
     encoder_prompt: str | None = None
     encoder_prompt_token_ids: list[int] | None = None
     extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class PoolingOutput:
+    """The pooled hidden state of one prompt (vLLM's `PoolingOutput`; data is a float32 CPU tensor)."""
+
+    data: Any
+
+
+@dataclass
+class PoolingRequestOutput:
+    """An embedding-model request's result (vLLM's `PoolingRequestOutput`)."""
+
+    request_id: str
+    outputs: Any
+    prompt_token_ids: list[int]
+    finished: bool
+    prompt: str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EmbeddingOutput:
+    """One embedding vector (vLLM's `EmbeddingOutput`)."""
+
+    embedding: list[float]
+
+    @staticmethod
+    def from_base(pooling_output: PoolingOutput) -> EmbeddingOutput:
+        data = pooling_output.data
+        if data.ndim != 1:
+            raise ValueError("pooled data should be a 1-D embedding vector")
+        return EmbeddingOutput(data.tolist())
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput(PoolingRequestOutput):
+    """LLM.embed's result per prompt: `.outputs.embedding` is the vector (vLLM's `EmbeddingRequestOutput`)."""
+
+    @staticmethod
+    def from_base(request_output: PoolingRequestOutput) -> EmbeddingRequestOutput:
+        return EmbeddingRequestOutput(
+            request_output.request_id,
+            EmbeddingOutput.from_base(request_output.outputs),
+            request_output.prompt_token_ids,
+            request_output.finished,
+            request_output.prompt,
+            request_output.num_cached_tokens,
+        )

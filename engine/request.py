@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvloom.engine.pooling.params import PoolingParams
 from kvloom.engine.sampling_params import SamplingParams
 
 
@@ -40,7 +41,7 @@ class Request:
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None
     eos_token_id: int | None
     max_tokens: int
     arrival_time: float = field(default_factory=time.time)
@@ -55,6 +56,8 @@ class Request:
     stop_reason: int | str | None = None
     # Speculative guesses of the next tokens (n-gram lookup), verified in the next step.
     spec_token_ids: list[int] = field(default_factory=list)
+    # An embedding request (sampling_params None): it ends, pooled, once its prompt is computed.
+    pooling_params: PoolingParams | None = None
     # Chained hashes of the full blocks of all_token_ids (prefix caching), grown as tokens arrive.
     block_hashes: list[bytes] = field(default_factory=list)
     all_token_ids: list[int] = field(init=False)

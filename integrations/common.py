@@ -156,12 +156,16 @@ class KvloomParams(BaseModel):
         for key in ("lora_request", "lora"):
             if key in kwargs:
                 lora = kwargs.pop(key)
+        # use_beam_search (vLLM <= 0.6's wrapper field) runs a real beam search of width best_of (or n);
+        # it is deterministic, so the temperature field's default (1.0) means 0 there, a value set means it.
+        beam = kwargs.get("use_beam_search", self.use_beam_search)
+        temperature = self.temperature if not beam or "temperature" in self.model_fields_set else 0.0
         values = {
             "n": self.n,
             "best_of": self.best_of,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
-            "temperature": self.temperature,
+            "temperature": temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
             "use_beam_search": self.use_beam_search,
@@ -184,55 +188,49 @@ class KvloomParams(BaseModel):
     def _request_id(self, prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"
 
+    def _beam_search_here(self, params: SamplingParams) -> bool:
+        """Whether this request is a beam search to run on the in-process engine (a server runs its own)."""
+        from kvloom import AsyncLLM
+
+        return params.use_beam_search and isinstance(self.engine_client, AsyncLLM)
+
+    async def _beam_outputs(self, prompts: Sequence, params: SamplingParams, lora, prefix: str) -> list[RequestOutput]:
+        """The n best beams of each prompt (kvloom.beam_search), every prompt searched at once."""
+        from kvloom.beam_search import open_beam_search
+
+        client, search = self.engine_client, params.to_beam_search_params()
+        streams = [await open_beam_search(client, p, search, self._request_id(prefix), lora, params.n) for p in prompts]
+
+        async def final(stream) -> RequestOutput:
+            return [out async for out in stream][-1]
+
+        return list(await asyncio.gather(*(final(s) for s in streams)))
+
     def _run_batch(self, prompts: Sequence, params: SamplingParams, lora, prefix: str) -> list[RequestOutput]:
         """Final outputs of many prompts, all submitted before waiting so that the engine batches them."""
-        client = self.engine_client
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        ids: list[str] = []
-        try:
-            for i, prompt in enumerate(prompts):
-                deliver = lambda item, i=i: done.put((i, item))  # noqa: B023 (i is bound by the default)
-                ids.append(client.submit(prompt, params, self._request_id(prefix), lora, deliver))
-            results: dict[int, RequestOutput] = {}
-            deadline = None if self.timeout is None else time.monotonic() + self.timeout
-            while len(results) < len(ids):
-                try:
-                    i, item = done.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    raise TimeoutError(f"the call did not finish within timeout={self.timeout} s") from None
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    results[i] = item
-        except BaseException:
-            for rid in ids:
-                client.abort(rid)
-            raise
-        return [results[i] for i in range(len(ids))]
+        if self._beam_search_here(params):
+            from kvloom.beam_search import run_blocking
+
+            return run_blocking(lambda: self._beam_outputs(prompts, params, lora, prefix), self.timeout)
+        return run_batch(self.engine_client, prompts, params, lora, lambda: self._request_id(prefix), self.timeout)
 
     async def _arun_batch(self, prompts: Sequence, params: SamplingParams, lora, prefix: str) -> list[RequestOutput]:
         """The async form of _run_batch: every request is in the engine at once; one failure cancels all."""
-        client = self.engine_client
-
-        async def final(prompt) -> RequestOutput:
-            outputs = [out async for out in client.generate(prompt, params, self._request_id(prefix), lora)]
-            return outputs[-1]
-
-        tasks = [asyncio.ensure_future(final(p)) for p in prompts]
-        try:
+        if self._beam_search_here(params):
             try:
-                return list(await asyncio.wait_for(asyncio.gather(*tasks), self.timeout))
+                return await asyncio.wait_for(self._beam_outputs(prompts, params, lora, prefix), self.timeout)
             except asyncio.TimeoutError:
                 raise TimeoutError(f"the call did not finish within timeout={self.timeout} s") from None
-        except BaseException:
-            for task in tasks:
-                task.cancel()  # their generators abort the requests
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        return await arun_batch(
+            self.engine_client, prompts, params, lora, lambda: self._request_id(prefix), self.timeout
+        )
 
     def _stream_deltas(self, prompt, params: SamplingParams, lora, prefix: str) -> Iterator[Delta]:
         """The pieces of one request's text as the engine produces them (blocking iterator)."""
         tracker = _DeltaTracker(params)
+        if self._beam_search_here(params):  # a beam search has its text only at the end: one piece
+            yield tracker.update(self._run_batch([prompt], params, lora, prefix)[0])
+            return
         for out in self.engine_client.stream(prompt, tracker.params, self._request_id(prefix), lora, self.timeout):
             delta = tracker.update(out)
             if delta is not None:
@@ -241,11 +239,60 @@ class KvloomParams(BaseModel):
     async def _astream_deltas(self, prompt, params: SamplingParams, lora, prefix: str) -> AsyncIterator[Delta]:
         """The async form of _stream_deltas."""
         tracker = _DeltaTracker(params)
+        if self._beam_search_here(params):
+            yield tracker.update((await self._arun_batch([prompt], params, lora, prefix))[0])
+            return
         stream = self.engine_client.generate(prompt, tracker.params, self._request_id(prefix), lora, self.timeout)
         async for out in stream:
             delta = tracker.update(out)
             if delta is not None:
                 yield delta
+
+
+def run_batch(client, prompts: Sequence, params, lora, new_id, timeout: float | None) -> list:
+    """Final outputs of many prompts (SamplingParams or PoolingParams), all submitted before waiting."""
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    ids: list[str] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            deliver = lambda item, i=i: done.put((i, item))  # noqa: B023 (i is bound by the default)
+            ids.append(client.submit(prompt, params, new_id(), lora, deliver))
+        results: dict[int, Any] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(results) < len(ids):
+            try:
+                i, item = done.get(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                raise TimeoutError(f"the call did not finish within timeout={timeout} s") from None
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                results[i] = item
+    except BaseException:
+        for rid in ids:
+            client.abort(rid)
+        raise
+    return [results[i] for i in range(len(ids))]
+
+
+async def arun_batch(client, prompts: Sequence, params, lora, new_id, timeout: float | None) -> list:
+    """The async form of run_batch: every request is in the engine at once; one failure cancels all."""
+
+    async def final(prompt):
+        outputs = [out async for out in client.generate(prompt, params, new_id(), lora)]
+        return outputs[-1]
+
+    tasks = [asyncio.ensure_future(final(p)) for p in prompts]
+    try:
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*tasks), timeout))
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"the call did not finish within timeout={timeout} s") from None
+    except BaseException:
+        for task in tasks:
+            task.cancel()  # their generators abort the requests
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 @dataclasses.dataclass
@@ -262,7 +309,7 @@ class _DeltaTracker:
     """Turns DELTA RequestOutputs of one single-sequence request into Deltas."""
 
     def __init__(self, params: SamplingParams) -> None:
-        if params.n != 1 or (params.best_of or 1) != 1:
+        if params.n != 1 or ((params.best_of or 1) != 1 and not params.use_beam_search):
             raise ValueError("streaming returns one sequence: use n=1 (and no best_of), or call without streaming")
         self.params = params.clone(output_kind=RequestOutputKind.DELTA)
         self.num_tokens = 0

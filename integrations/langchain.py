@@ -18,6 +18,7 @@ from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
 )
+from langchain_core.embeddings import Embeddings
 from langchain_core.language_models import BaseChatModel, BaseLLM, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, ToolMessage
@@ -42,9 +43,10 @@ from pydantic import BaseModel, ConfigDict
 from kvloom import RequestOutput
 from kvloom.chat_utils import ChatPrompt, render_chat
 from kvloom.integrations.common import Delta, KvloomParams, completion_info, template_message, usage
+from kvloom.integrations.embedding import KvloomEmbeddingParams
 from kvloom.llm import with_chat_constraint
 
-__all__ = ["VLLM", "ChatVLLM"]
+__all__ = ["VLLM", "ChatVLLM", "VLLMEmbeddings"]
 
 _PREFIX = "langchain"
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool", "function": "function"}
@@ -366,6 +368,26 @@ class ChatVLLM(_LangChainParams, BaseChatModel):
             chunk_position="last",
         )
         return ChatGenerationChunk(message=message, generation_info=info)
+
+
+class VLLMEmbeddings(KvloomEmbeddingParams, Embeddings):
+    """LangChain Embeddings on kvloom's shared embedding engine (`runner="pooling"`), e.g. for a vector store.
+
+    `VLLMEmbeddings(model="sentence-transformers/all-MiniLM-L6-v2")`: the texts of one call are
+    embedded in one engine batch; the engine is shared with every other embedder of that model.
+    """
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self._embed(texts)
+
+    def embed_query(self, text: str) -> list[float]:
+        return self._embed([text])[0]
+
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        return await self._aembed(texts)
+
+    async def aembed_query(self, text: str) -> list[float]:
+        return (await self._aembed([text]))[0]
 
 
 class _ToolReader:

@@ -16,6 +16,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.generic_utils import messages_to_prompt as generic_messages_to_prompt
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -33,17 +34,18 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from kvloom import RequestOutput
 from kvloom.chat_utils import ChatPrompt, render_chat
 from kvloom.integrations.common import Delta, KvloomParams, completion_info, template_message, usage
+from kvloom.integrations.embedding import KvloomEmbeddingParams
 from kvloom.llm import with_chat_constraint
 
 if TYPE_CHECKING:
     from llama_index.core.tools import BaseTool
 
-__all__ = ["Vllm"]
+__all__ = ["Vllm", "VllmEmbedding"]
 
 _PREFIX = "llamaindex"
 
@@ -209,6 +211,45 @@ class Vllm(KvloomParams, FunctionCallingLLM):
     def _adeltas(self, prompt, kwargs: dict[str, Any]) -> AsyncIterator[Delta]:
         params, lora = self._sampling_params(None, kwargs)
         return self._astream_deltas(prompt, params, lora, _PREFIX)
+
+
+class VllmEmbedding(KvloomEmbeddingParams, BaseEmbedding):
+    """A LlamaIndex embedding model on kvloom's shared embedding engine (`runner="pooling"`).
+
+    `Settings.embed_model = VllmEmbedding(model=...)` beside `Settings.llm = Vllm(...)`: both live in
+    this process and in kvloom's one engine registry. Each batch of `embed_batch_size` texts is one
+    engine batch; the async methods never block the event loop.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _name(self) -> VllmEmbedding:
+        if self.model_name == "unknown" and self.model is not None:
+            self.model_name = self.model
+        return self
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "VllmEmbedding"
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return self._embed([query])[0]
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return (await self._aembed([query]))[0]
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return self._embed([text])[0]
+
+    async def _aget_text_embedding(self, text: str) -> list[float]:
+        return (await self._aembed([text]))[0]
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return self._embed(texts)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return await self._aembed(texts)
 
 
 def _completion(out: RequestOutput) -> CompletionResponse:

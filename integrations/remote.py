@@ -50,6 +50,9 @@ _FIELDS = (
     "spaces_between_special_tokens",
     "include_stop_str_in_output",
     "logit_bias",
+    "use_beam_search",
+    "length_penalty",
+    "early_stopping",
 )
 
 

@@ -12,8 +12,18 @@ import logging
 from typing import TYPE_CHECKING
 
 from kvloom.engine.arg_utils import EngineArgs
+from kvloom.engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from kvloom.engine.lora.request import LoRARequest
-from kvloom.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from kvloom.engine.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestOutput,
+)
+from kvloom.engine.pooling.params import PoolingParams
 from kvloom.engine.sampling_params import RequestOutputKind, SamplingParams
 from kvloom.engine.structured_output import GuidedDecodingParams, StructuredOutputsParams
 
@@ -32,12 +42,20 @@ __all__ = [
     "get_engine",
     "serve",
     "shutdown_engines",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "BeamSearchSequence",
     "CompletionOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
     "EngineArgs",
     "GuidedDecodingParams",
     "LLMEngine",
     "Logprob",
     "LoRARequest",
+    "PoolingOutput",
+    "PoolingParams",
+    "PoolingRequestOutput",
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",

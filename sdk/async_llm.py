@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 from kvloom.engine.arg_utils import EngineArgs
 from kvloom.engine.errors import EngineDeadError, WorkerDiedError
-from kvloom.engine.outputs import RequestOutput
+from kvloom.engine.outputs import PoolingRequestOutput, RequestOutput
+from kvloom.engine.pooling.params import PoolingParams
 from kvloom.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -152,6 +153,41 @@ class AsyncLLM:
             self._work.notify()
         return rid
 
+    def submit_many(self, requests) -> list[str]:
+        """Queue several (prompt, params, request_id, lora_request, deliver) requests so that the engine
+        takes them in the same step (beam search sends a step's beams this way). Bad input in any
+        raises before any is queued."""
+        prepared = [
+            (self.engine.prepare_request(rid, prompt, params, lora_request=lora), deliver)
+            for prompt, params, rid, lora, deliver in requests
+        ]
+        ids = [p.state.request_id for p, _ in prepared]
+        with self._lock:
+            if self._dead:
+                raise EngineDeadError("the engine has been shut down")
+            taken = [rid for rid in ids if rid in self._streams]
+            if taken or len(set(ids)) != len(ids):
+                raise ValueError(f"request id {(taken or ids)[0]!r} is already in use")
+            for p, deliver in prepared:
+                self._streams[p.state.request_id] = deliver
+                self._inbox.append(p)
+            self._work.notify()
+        return ids
+
+    async def beam_search(self, prompt, request_id: str | None, params, lora_request=None, n: int | None = None):
+        """vLLM's EngineClient.beam_search (same argument order): one final RequestOutput with the n best
+        beams (all beam_width by default), best first; bad input raises before anything is yielded.
+        See kvloom.beam_search."""
+        from kvloom.beam_search import open_beam_search
+
+        rid = request_id if request_id is not None else f"beam-{next(self._ids)}"
+        stream = await open_beam_search(self, prompt, params, rid, lora_request, n)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
     async def open_stream(
         self,
         prompt,
@@ -187,6 +223,28 @@ class AsyncLLM:
         With a timeout (seconds), a request still running when it passes is aborted and TimeoutError raised.
         """
         stream = await self.open_stream(prompt, sampling_params, request_id, lora_request, timeout)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
+    async def encode(
+        self,
+        prompt,
+        pooling_params: PoolingParams | None = None,
+        request_id: str | None = None,
+        lora_request=None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[PoolingRequestOutput]:
+        """vLLM's AsyncLLM.encode: the one, final PoolingRequestOutput of an embedding request (runner='pooling').
+
+        The request joins the engine's batches like any other; bad input raises before anything is yielded.
+        """
+        params = pooling_params if pooling_params is not None else PoolingParams()
+        if not isinstance(params, PoolingParams):
+            raise TypeError(f"pooling_params must be PoolingParams, got {type(params).__name__}")
+        stream = await self.open_stream(prompt, params, request_id, lora_request, timeout)
         try:
             async for out in stream:
                 yield out
@@ -268,6 +326,11 @@ class AsyncLLM:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def runner_type(self) -> str:
+        """The engine's runner: "pooling" for an embedding model (use encode), "generate" otherwise."""
+        return self.engine.runner_type
 
     @property
     def model_name(self) -> str:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from kvloom.engine.arg_utils import IGNORED_VLLM_ARGS, EngineArgs
-from kvloom.engine.outputs import RequestOutput
+from kvloom.engine.outputs import EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput
+from kvloom.engine.pooling.params import PoolingParams
 from kvloom.engine.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -85,9 +86,54 @@ class LLM:
         lora_request=None,
     ) -> list[RequestOutput]:
         """Complete every prompt (a string, token ids, or a list of them); outputs keep input order."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        return self._run(list(prompts), sampling_params, use_tqdm, lora_request)
+        return self._run(_prompt_list(prompts), sampling_params, use_tqdm, lora_request)
+
+    def embed(
+        self,
+        prompts,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        lora_request=None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (`.outputs.embedding`), in input order; needs an engine with runner='pooling'."""
+        outputs = self.encode(
+            prompts,
+            pooling_params,
+            truncate_prompt_tokens=truncate_prompt_tokens,
+            use_tqdm=use_tqdm,
+            lora_request=lora_request,
+            pooling_task="embed",
+        )
+        return [EmbeddingRequestOutput.from_base(o) for o in outputs]
+
+    def encode(
+        self,
+        prompts,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+        lora_request=None,
+        pooling_task: str | None = "encode",
+    ) -> list[PoolingRequestOutput]:
+        """The pooled hidden state of every prompt (`.outputs.data`, a tensor), as vLLM's LLM.encode."""
+        prompts = _prompt_list(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            pooling_params = [pooling_params or PoolingParams()] * len(prompts)
+        params = list(pooling_params)
+        if any(not isinstance(p, PoolingParams) for p in params):
+            raise TypeError("pooling_params must be a PoolingParams or a list of them")
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} PoolingParams for {len(prompts)} prompts")
+        for p in params:
+            if truncate_prompt_tokens is not None and p.truncate_prompt_tokens not in (None, truncate_prompt_tokens):
+                raise ValueError("truncate_prompt_tokens is given twice, with different values")
+        if truncate_prompt_tokens is not None:
+            params = [p.clone(truncate_prompt_tokens=truncate_prompt_tokens) for p in params]
+        params = [p.clone(task=pooling_task) for p in params]
+        return self._execute(prompts, params, [lora_request] * len(prompts), use_tqdm)
 
     def chat(
         self,
@@ -135,6 +181,17 @@ class LLM:
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in rendered]
         return self._run(prompts, params, use_tqdm, lora_request)
 
+    def beam_search(
+        self, prompts, params, lora_request=None, use_tqdm: bool = False, concurrency_limit: int | None = None
+    ) -> list:
+        """vLLM's LLM.beam_search: the best `params.beam_width` sequences of each prompt (a string, a
+        TokensPrompt dict, or a list of them) as BeamSearchOutputs, in input order. The beams of all
+        prompts (or of concurrency_limit at a time) step through the engine together; see
+        kvloom.beam_search for what is computed."""
+        from kvloom.beam_search import llm_beam_search
+
+        return llm_beam_search(self, prompts, params, lora_request, use_tqdm, concurrency_limit)
+
     def _run(self, prompts: list, sampling_params, use_tqdm: bool, lora_request) -> list[RequestOutput]:
         n = len(prompts)
         if sampling_params is None:
@@ -157,6 +214,10 @@ class LLM:
             p if p.output_kind == RequestOutputKind.FINAL_ONLY else p.clone(output_kind=RequestOutputKind.FINAL_ONLY)
             for p in params
         ]
+        return self._execute(prompts, params, loras, use_tqdm)
+
+    def _execute(self, prompts: list, params: list, loras: list, use_tqdm: bool) -> list:
+        """Run requests (SamplingParams or PoolingParams) to their final outputs, in input order."""
         with self._lock:
             direct = self._client is None and not self._stepping
             self._stepping = self._stepping or direct
@@ -218,7 +279,8 @@ class LLM:
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         results[out.request_id] = out
-                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        if isinstance(out, RequestOutput):
+                            out_tokens += sum(len(c.token_ids) for c in out.outputs)
                         bar.update(1)
                         elapsed = bar.format_dict["elapsed"] or 1e-9
                         bar.set_postfix_str(f"output {out_tokens / elapsed:.1f} tok/s", refresh=False)
@@ -254,6 +316,13 @@ class LLM:
 
     def get_metrics(self) -> dict:
         return self.llm_engine.get_metrics()
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (a string, a dict or a list of token ids) or a list of them, as a list."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
 
 
 def with_chat_constraint(params: SamplingParams, chat) -> SamplingParams:

@@ -32,3 +32,11 @@ def tiny_tools(tmp_path_factory) -> str:
         extra_tokens=("<tool_call>", "</tool_call>"),
         max_position_embeddings=2048,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_st(tmp_path_factory) -> str:
+    """A tiny random BERT as a sentence-transformers directory (mean pooling + Normalize)."""
+    from kvloom_testing import build_tiny_bert_st
+
+    return build_tiny_bert_st(str(tmp_path_factory.mktemp("tiny-bert-st")), "mean")

@@ -228,3 +228,50 @@ def normal_request_works(http) -> None:
     r = http.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 3
+
+
+_BERT_WORDS = (
+    "the quick brown fox jumps over lazy dog paged attention stores keys and values in blocks "
+    "continuous batching lets new requests join while others decode hello world what is capital of france paris"
+).split()
+
+
+def build_tiny_bert_st(path: str, pooling: str = "mean", normalize: bool = True, seed: int = 0, **overrides) -> str:
+    """A tiny random BERT saved as a sentence-transformers directory (Transformer + Pooling [+ Normalize])."""
+    import os
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    os.makedirs(path, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), *_BERT_WORDS]
+    vocab_file = os.path.join(path, "vocab.txt")
+    with open(vocab_file, "w") as f:
+        f.write("\n".join(dict.fromkeys(vocab)))
+    cfg = dict(
+        vocab_size=len(dict.fromkeys(vocab)),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    bert_dir = os.path.join(path, "bert")
+    BertModel(BertConfig(**cfg)).save_pretrained(bert_dir)
+    BertTokenizerFast(vocab_file).save_pretrained(bert_dir)
+    modules = [Transformer(bert_dir), Pooling(cfg["hidden_size"], pooling)]
+    if normalize:
+        modules.append(Normalize())
+    out = os.path.join(path, "st")
+    SentenceTransformer(modules=modules, device="cpu").save(out)
+    return out

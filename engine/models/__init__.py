@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from kvloom.engine.models.arch import ArchConfig
+from kvloom.engine.models.bert import BertEmbeddingModel
 from kvloom.engine.models.gemma import GemmaForCausalLM
 from kvloom.engine.models.llama import LlamaForCausalLM
 from kvloom.engine.models.moe import MoeForCausalLM
@@ -24,6 +25,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": GemmaForCausalLM,
     "MixtralForCausalLM": MoeForCausalLM,
     "Qwen2MoeForCausalLM": MoeForCausalLM,
+    "BertModel": BertEmbeddingModel,
 }
 
 

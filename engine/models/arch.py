@@ -16,6 +16,7 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma3ForCausalLM",
     "MixtralForCausalLM",
     "Qwen2MoeForCausalLM",
+    "BertModel",
 )
 
 
@@ -56,6 +57,10 @@ class ArchConfig:
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     local_rope_theta: float | None = None  # rope base of sliding-window layers (Gemma 3)
+    # Encoder-only embedding models (BERT): bidirectional attention within one step, no KV cache.
+    is_encoder: bool = False
+    type_vocab_size: int = 0
+    layer_norm_eps: float = 1e-12
 
     def sliding_window_of(self, layer_idx: int) -> int | None:
         """The sliding window of a layer, None when it attends to the whole context."""
@@ -70,6 +75,8 @@ class ArchConfig:
                 f"unsupported model architecture {archs or cfg.get('model_type')!r}; kvloom supports "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        if arch == "BertModel":
+            return cls(**_bert_fields(cfg))
         if cfg.get("mlp_bias"):
             raise ValueError("mlp_bias=True is not supported")
         # transformers 5 keeps rope settings in rope_parameters; older configs use rope_theta/rope_scaling.
@@ -222,3 +229,38 @@ def _dense_variant_fields(arch: str, cfg: dict, local_rope: dict | None, partial
         "attn_logit_softcap": None if attn_cap is None else float(attn_cap),
         "final_logit_softcap": None if final_cap is None else float(final_cap),
     }
+
+
+def _bert_fields(cfg: dict) -> dict:
+    """ArchConfig of a BERT encoder (BertModel: all-MiniLM, bge, e5): absolute positions, post-LayerNorm."""
+    if cfg.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(
+            f"position_embedding_type={cfg['position_embedding_type']!r} is not supported; only 'absolute'"
+        )
+    act = cfg.get("hidden_act", "gelu")
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+        raise ValueError(f"hidden_act={act!r} is not supported for BertModel; gelu, gelu_new and relu are")
+    num_heads = cfg["num_attention_heads"]
+    return dict(
+        architecture="BertModel",
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=num_heads,
+        head_size=cfg["hidden_size"] // num_heads,
+        rms_norm_eps=0.0,
+        rope_theta=0.0,
+        rope_scaling=None,
+        max_position=cfg.get("max_position_embeddings", 512),
+        tie_word_embeddings=False,
+        attention_bias=True,
+        bos_token_id=None,
+        eos_token_ids=(),
+        torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        hidden_act=act,
+        is_encoder=True,
+        type_vocab_size=cfg.get("type_vocab_size", 2),
+        layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvloom.engine.pooling.params import PoolingParams
 from kvloom.engine.sampling_params import SamplingParams
 
 
@@ -14,8 +15,10 @@ class NewRequestData:
 
     req_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None
     lora_id: int = 0
+    # Embedding requests: pooled instead of sampled once their prompt is computed.
+    pooling_params: PoolingParams | None = None
 
 
 @dataclass(slots=True)
@@ -76,3 +79,5 @@ class ModelRunnerOutput:
     logprobs: list[Logprobs | None] | None = None
     # Prompt log-probabilities of the chunk computed this step, per request that asked for them.
     prompt_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)
+    # Embedding requests whose prompt ended this step: request id -> the pooled vector (a CPU tensor).
+    pooler_output: dict[str, Any] = field(default_factory=dict)

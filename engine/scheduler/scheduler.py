@@ -167,7 +167,9 @@ class Scheduler:
             if req.request_id not in self._started_req_ids:
                 self._started_req_ids.add(req.request_id)
                 out.new_requests.append(
-                    NewRequestData(req.request_id, req.prompt_token_ids, req.sampling_params, req.lora_id)
+                    NewRequestData(
+                        req.request_id, req.prompt_token_ids, req.sampling_params, req.lora_id, req.pooling_params
+                    )
                 )
             self._add_seq(out, req, num_new)
             budget -= num_new
@@ -208,6 +210,13 @@ class Scheduler:
                 req.spec_token_ids = []
         updated = []
         any_finished = False
+        for req_id in result.pooler_output:
+            # An embedding request is done once its prompt is: it was pooled instead of sampled.
+            req = self.requests.get(req_id)
+            if req is not None:
+                req.status = RequestStatus.FINISHED_STOPPED
+                any_finished = True
+                self._release(req)
         max_model_len = self.config.max_model_len
         accepted_ids = result.accepted_draft_ids
         for i, (req_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kvloom
 from kvloom import AsyncLLM, LoRARequest
-from kvloom.integrations.openai import serving_chat, serving_completion
+from kvloom.integrations.openai import serving_chat, serving_completion, serving_embedding, serving_responses
 from kvloom.integrations.openai.context import APIError, ServerContext
 from kvloom.integrations.openai.metrics import ServerMetrics
 from kvloom.integrations.openai.middleware import PUBLIC_PATHS, GuardMiddleware
@@ -70,6 +70,7 @@ def build_app(
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     lora_root: str | None = None,
     public_metrics: bool = False,
+    max_stored_responses: int = serving_responses.DEFAULT_MAX_STORED_RESPONSES,
 ) -> FastAPI:
     """A FastAPI app serving /v1/completions, /v1/chat/completions and the vLLM side endpoints.
 
@@ -82,6 +83,8 @@ def build_app(
 
     Tool calls are read with `tool_call_parser` (vLLM's parser names; by default the one the model's
     chat template teaches, else hermes); enable_auto_tool_choice=False refuses tool_choice="auto".
+    /v1/responses keeps the last max_stored_responses stored responses in memory (LRU) for
+    previous_response_id and GET /v1/responses/{id}.
     """
     if tool_call_parser is not None:
         ToolParserManager.get_tool_parser(tool_call_parser)  # an unknown name fails at start-up
@@ -217,8 +220,10 @@ def build_app(
         return {"prompt": tokenizer.decode(ctx.check_token_ids(body.tokens, "tokens"))}
 
     responses = error_responses(streams=True)
+    serving_embedding.register(app, ctx, responses)  # first: an embedding model's server refuses generation routes
     serving_completion.register(app, ctx, responses)
     serving_chat.register(app, ctx, responses)
+    serving_responses.register(app, ctx, responses, max_stored_responses)
     return app
 
 

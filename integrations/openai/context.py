@@ -106,8 +106,16 @@ class ServerContext:
     async def open(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str, lora
     ) -> AsyncIterator[RequestOutput]:
-        """Queue a request (validated off the event loop; ValueError -> 400) and return its stream."""
+        """Queue a request (validated off the event loop; ValueError -> 400) and return its stream.
+
+        A use_beam_search request runs kvloom.beam_search; its stream has one, final output.
+        """
         try:
+            if params.use_beam_search:
+                from kvloom.beam_search import open_beam_search
+
+                search = params.to_beam_search_params()
+                return await open_beam_search(self.client, prompt_ids, search, request_id, lora, n=params.n)
             return await self.client.open_stream(prompt_ids, params, request_id, lora_request=lora)
         except ValueError as e:
             raise APIError(str(e)) from None

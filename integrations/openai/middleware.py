@@ -22,9 +22,13 @@ class GuardMiddleware:
     """Refuses a request without the API key (401) or with a body over max_body_bytes (413); turns an
     unexpected exception into a 500 in OpenAI's shape."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, public_paths: frozenset[str] = PUBLIC_PATHS):
+    def __init__(
+        self, app, api_key: str | list[str] | None, max_body_bytes: int, public_paths: frozenset[str] = PUBLIC_PATHS
+    ):
         self.app = app
-        self.api_key = api_key.encode() if api_key else None
+        # Several keys (vLLM's `--api-key K1 K2`, for rotation): any one of them is accepted.
+        keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+        self.expected = [b"Bearer " + k.encode() for k in keys if k] or None
         self.max_body_bytes = max_body_bytes
         self.public_paths = public_paths
 
@@ -32,9 +36,14 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key is not None and scope["path"] not in self.public_paths:
+        # Behind --root-path the server sees the proxy's prefix in front of the app's own paths.
+        path, root = scope["path"], scope.get("root_path") or ""
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        if self.expected is not None and path not in self.public_paths:
             given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + self.api_key):
+            # Every key is compared (a list, not any() of a generator), so the time says nothing about which matched.
+            if not any([hmac.compare_digest(given, key) for key in self.expected]):
                 return await _reply(send, 401, "invalid or missing API key", "AuthenticationError")
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:

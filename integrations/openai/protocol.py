@@ -60,6 +60,10 @@ class _SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False
     best_of: int | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's beam search extras: a search of width best_of (or n) returning the n best (kvloom.beam_search).
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
     # Constrained decoding: OpenAI's response_format, vLLM's structured_outputs and older guided_* fields.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -108,7 +112,8 @@ class _SamplingFields(OpenAIModel):
         return SamplingParams(
             n=self.n,
             best_of=self.best_of,
-            temperature=1.0 if self.temperature is None else self.temperature,
+            # Beam search is deterministic: an unset temperature means 0 there (vLLM would sample with 1).
+            temperature=(0.0 if self.use_beam_search else 1.0) if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             min_p=self.min_p or 0.0,
@@ -128,6 +133,9 @@ class _SamplingFields(OpenAIModel):
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
             structured_outputs=self.output_constraint(),
             logit_bias=self.logit_bias,
+            use_beam_search=self.use_beam_search,
+            length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
         )
 
 

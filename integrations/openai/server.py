@@ -37,18 +37,21 @@ def start_server(
     client: AsyncLLM,
     host: str = "127.0.0.1",
     port: int = 0,
-    api_key: str | None = None,
+    api_key: str | list[str] | None = None,
     served_model_name: str | list[str] | None = None,
     allowed_origins: list[str] | None = None,
     lora_modules: list | None = None,
     allow_runtime_lora_updating: bool = False,
     tool_call_parser: str | None = None,
     enable_auto_tool_choice: bool = True,
+    uvicorn_log_level: str = "warning",
+    root_path: str = "",
     **app_options,
 ) -> ServerHandle:
     """Serve `client` on a background thread; port 0 picks a free port. Returns once it accepts.
 
-    app_options go to build_app (max_request_body_bytes, lora_root, public_metrics).
+    root_path is the prefix a reverse proxy serves the app under (vLLM's --root-path); app_options go to
+    build_app (max_request_body_bytes, lora_root, public_metrics).
     """
     names = [served_model_name] if isinstance(served_model_name, str) else served_model_name
     app = build_app(
@@ -62,7 +65,7 @@ def start_server(
         enable_auto_tool_choice=enable_auto_tool_choice,
         **app_options,
     )
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, host=host, port=port, log_level=uvicorn_log_level, lifespan="off", root_path=root_path)
     server = uvicorn.Server(config)
     started = threading.Event()
     errors: list[BaseException] = []

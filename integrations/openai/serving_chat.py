@@ -26,6 +26,10 @@ def register(app: FastAPI, ctx: ServerContext, responses: dict) -> None:
         if body.logprobs and top is not None and not 0 <= top <= 20:
             raise APIError("top_logprobs must be between 0 and 20", param="top_logprobs")
         params = ctx.make_params(body, max_tokens, (top or 0) if body.logprobs else None)
+        if body.use_beam_search and body.tools:
+            raise APIError(
+                "use_beam_search cannot be combined with tools (beam search ignores tool_choice)", param="tools"
+            )
         try:
             params = with_chat_constraint(params, rendered)
         except ValueError as e:

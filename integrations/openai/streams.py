@@ -52,21 +52,28 @@ async def run_until_disconnected(coro, raw: Request):
     return task.result()
 
 
-def sse(chunks: AsyncIterator[dict], raw: Request) -> StreamingResponse:
-    """Server-sent events: one `data:` line per chunk, an error event if the request fails, then [DONE]."""
+def sse(chunks: AsyncIterator[dict], raw: Request, named: bool = False) -> StreamingResponse:
+    """Server-sent events: one `data:` line per chunk, an error event if the request fails, then [DONE].
+
+    named: the Responses API's framing, where an `event:` line gives each chunk's `type`, and no [DONE].
+    """
+
+    def frame(name: str, data: dict) -> str:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n" if named else f"data: {json.dumps(data)}\n\n"
 
     async def body():
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield frame(chunk.get("type", ""), chunk)
         except asyncio.CancelledError:
             logger.info("client of %s %s disconnected; its requests were aborted", raw.method, raw.url.path)
             raise
         except Exception as e:  # the request failed in the engine after the response started
             status = 400 if isinstance(e, ValueError) else 500
             logger.warning("a streamed request failed: %s: %s", type(e).__name__, e)
-            yield f"data: {json.dumps(error_body(str(e), status, type(e).__name__))}\n\n"
-        yield "data: [DONE]\n\n"
+            yield frame("error", error_body(str(e), status, type(e).__name__))
+        if not named:
+            yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
 

@@ -267,7 +267,7 @@ def test_constrained_logprobs_are_finite_json(client):
         ({"tools": [{"type": "retrieval"}]}, "function tools"),
         ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
         ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
-        ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
+        ({"tools": TOOLS, "extra_body": {"use_beam_search": True}}, "use_beam_search"),
         ({"logit_bias": {"999999": 5}}, "logit_bias"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "image_url"),
         ({"messages": [{"role": "user", "content": [{"type": "text", "text": 123}]}]}, "text"),

@@ -54,7 +54,8 @@ BAD = [
     (CHAT, chat(chat_template="{{ raise_exception('no thanks') }}"), "no thanks"),
     # fields the server does not implement are named, never ignored
     (CHAT, chat(echo=True), "echo"),
-    (CHAT, chat(use_beam_search=True), "use_beam_search"),
+    (CHAT, chat(use_beam_search=True, stop=["x"]), "use_beam_search"),
+    (COMPLETIONS, completion(length_penalty=0.5), "length_penalty"),
     (COMPLETIONS, completion(priority=3), "priority"),
     (COMPLETIONS, completion(suffix="!"), "suffix"),
     (CHAT, chat(functions=[{"name": "f"}]), "functions"),
