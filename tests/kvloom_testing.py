@@ -275,3 +275,25 @@ def build_tiny_bert_st(path: str, pooling: str = "mean", normalize: bool = True,
     out = os.path.join(path, "st")
     SentenceTransformer(modules=modules, device="cpu").save(out)
     return out
+
+
+def served_openai_fixtures(model_name: str, **client_kwargs):
+    """Module-scoped `server` (kvloom.serve over the module's `engine` fixture) and `client` (openai.OpenAI).
+
+    Use as `server, client = served_openai_fixtures("tiny")` at module level.
+    """
+    import openai
+    import pytest
+
+    import kvloom
+
+    @pytest.fixture(scope="module")
+    def server(engine):
+        with kvloom.serve(engine, served_model_name=model_name) as handle:
+            yield handle
+
+    @pytest.fixture(scope="module")
+    def client(server):
+        return openai.OpenAI(base_url=server.base_url, api_key="unused", **client_kwargs)
+
+    return server, client

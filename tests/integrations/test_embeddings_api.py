@@ -14,7 +14,7 @@ import pytest
 import kvloom
 from kvloom import AsyncLLM, PoolingParams
 
-from kvloom_testing import assert_all_blocks_free, wait_idle
+from kvloom_testing import assert_all_blocks_free, served_openai_fixtures, wait_idle
 
 MODEL = "tiny-embed"
 
@@ -36,15 +36,7 @@ def engine(mrl_model):
     eng.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    with kvloom.serve(engine, served_model_name=MODEL) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+server, client = served_openai_fixtures(MODEL, max_retries=0)
 
 
 def reference(engine: AsyncLLM, prompt, **params) -> np.ndarray:

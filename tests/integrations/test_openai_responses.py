@@ -19,12 +19,11 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-import kvloom
 from kvloom import AsyncLLM
 from kvloom.integrations.openai.server import start_server
 from kvloom.integrations.openai.serving_responses import ResponseStore, StoredResponse
 
-from kvloom_testing import assert_all_blocks_free, wait_idle
+from kvloom_testing import assert_all_blocks_free, served_openai_fixtures, wait_idle
 
 MODEL = "tiny-responses"
 WEATHER = {
@@ -61,15 +60,7 @@ def engine(tiny_tools):
     eng.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    with kvloom.serve(engine, served_model_name=MODEL) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused")
+server, client = served_openai_fixtures(MODEL)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import kvloom
 from kvloom import LLM, AsyncLLM
 
-from kvloom_testing import assert_all_blocks_free
+from kvloom_testing import assert_all_blocks_free, served_openai_fixtures
 
 MODEL = "tiny"
 
@@ -25,15 +25,7 @@ def engine(tiny_llama):
     eng.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    with kvloom.serve(engine, served_model_name=MODEL) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused")
+server, client = served_openai_fixtures(MODEL)
 
 
 def wait_idle(engine: AsyncLLM, timeout: float = 10.0) -> None:
