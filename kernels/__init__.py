@@ -75,6 +75,11 @@ def _cpu_backend() -> KernelBackend | None:
         # The C++ kernel takes 0 for "no window" and "no soft cap".
         return ops.paged_attention_decode(q.contiguous(), *args[1:], sliding_window or 0, logits_soft_cap or 0.0)
 
+    def write_kv(key, value, k_cache, v_cache, slot_mapping):
+        if key.dtype != torch.float32 or k_cache.dtype != torch.float32:
+            return torch_ref.write_kv(key, value, k_cache, v_cache, slot_mapping)
+        ops.write_kv(key, value, k_cache, v_cache, slot_mapping)
+
     def rms_norm(x, residual, weight, eps):
         if residual is None:
             return ops.rms_norm(x, None, weight, eps), None
@@ -86,7 +91,7 @@ def _cpu_backend() -> KernelBackend | None:
 
     return KernelBackend(
         "cpu-c++",
-        torch_ref.write_kv,
+        write_kv,
         partial(torch_ref.paged_attention, decode_attention=decode),
         rms_norm,
         rotary_embedding,

@@ -109,3 +109,27 @@ def test_write_kv_places_tokens_at_their_slots():
     assert torch.equal(torch_ref.gather_values(v_cache, table)[0, 9], value[1])
     assert torch.equal(torch_ref.gather_values(v_cache, torch.tensor([[3]]))[0, 6], value[2])
     assert k_cache[1].abs().sum() == 0 and v_cache[1].abs().sum() == 0  # block 1 holds none of the slots
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_cpu_write_kv_matches_torch_reference(tokens):
+    ops = load_cpu_ops()
+    if ops is None:
+        pytest.skip("C++ CPU kernels unavailable")
+    g = torch.Generator().manual_seed(tokens)
+    blocks, kv_heads, head_size, block_size = 40, 3, 64, 16
+    slots = torch.randperm(blocks * block_size, generator=g)[:tokens]
+    # Keys and values as the model hands them over: column slices of one fused qkv projection.
+    qkv = torch.randn(tokens, 5 * kv_heads * head_size, generator=g)
+    key = qkv[:, 3 * kv_heads * head_size : 4 * kv_heads * head_size].view(tokens, kv_heads, head_size)
+    value = qkv[:, 4 * kv_heads * head_size :].view(tokens, kv_heads, head_size)
+    want_k, want_v = (
+        torch.randn(blocks, kv_heads, head_size, block_size),
+        torch.randn(blocks, kv_heads, block_size, head_size),
+    )
+    got_k, got_v = want_k.clone(), want_v.clone()
+    torch_ref.write_kv(key, value, want_k, want_v, slots)
+    ops.write_kv(key, value, got_k, got_v, slots.to(torch.int32))
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.write_kv(key[:1], value[:1], got_k, got_v, torch.tensor([blocks * block_size]))
