@@ -25,7 +25,7 @@ def serve(
     llm_or_engine_or_model=None,
     host: str = "127.0.0.1",
     port: int = 0,
-    api_key: str | None = None,
+    api_key: str | list[str] | None = None,
     served_model_name: str | list[str] | None = None,
     allowed_origins: list[str] | None = None,
     lora_modules: dict[str, str] | list | None = None,

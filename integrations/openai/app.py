@@ -61,7 +61,7 @@ def error_responses(streams: bool = False) -> dict:
 def build_app(
     client: AsyncLLM,
     served_model_names: list[str] | None = None,
-    api_key: str | None = None,
+    api_key: str | list[str] | None = None,
     allowed_origins: list[str] | None = None,
     lora_modules: list[LoRARequest] | None = None,
     allow_runtime_lora_updating: bool = False,
