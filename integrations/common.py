@@ -109,21 +109,8 @@ class KvloomParams(BaseModel):
                 self._engine_client = RemoteEngineClient(
                     self.base_url, key, self.model, timeout=self.timeout, max_retries=self.max_retries
                 )
-            elif self.engine is not None:
-                from kvloom.serving import as_engine_client
-
-                self._engine_client = as_engine_client(self.engine)
             else:
-                from kvloom import get_engine
-
-                self._engine_client = get_engine(
-                    self.model,
-                    dtype=self.dtype,
-                    trust_remote_code=bool(self.trust_remote_code),
-                    tensor_parallel_size=self.tensor_parallel_size or 1,
-                    download_dir=self.download_dir,
-                    **self.vllm_kwargs,
-                )
+                self._engine_client = local_engine_client(self)
         return self._engine_client
 
     def _model_label(self) -> str:
@@ -369,3 +356,22 @@ def template_message(role: str, content: str, name: str | None = None) -> dict[s
     if name:
         message["name"] = name
     return message
+
+
+def local_engine_client(wrapper, **engine_args):
+    """The in-process engine client of a wrapper's fields: its `engine`, else the shared engine for its model."""
+    if wrapper.engine is not None:
+        from kvloom.serving import as_engine_client
+
+        return as_engine_client(wrapper.engine)
+    from kvloom import get_engine
+
+    return get_engine(
+        wrapper.model,
+        dtype=wrapper.dtype,
+        trust_remote_code=bool(wrapper.trust_remote_code),
+        tensor_parallel_size=wrapper.tensor_parallel_size or 1,
+        download_dir=wrapper.download_dir,
+        **engine_args,
+        **wrapper.vllm_kwargs,
+    )

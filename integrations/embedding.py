@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from kvloom import EmbeddingRequestOutput, PoolingParams
-from kvloom.integrations.common import arun_batch, run_batch
+from kvloom.integrations.common import arun_batch, local_engine_client, run_batch
 
 _ENGINE_FIELDS = ("dtype", "trust_remote_code", "tensor_parallel_size", "download_dir")
 
@@ -56,23 +56,8 @@ class KvloomEmbeddingParams(BaseModel):
     def engine_client(self):
         """The AsyncLLM of the embedding model (the shared engine, created on first use)."""
         if self._engine_client is None:
-            if self.engine is not None:
-                from kvloom.serving import as_engine_client
-
-                self._engine_client = as_engine_client(self.engine)
-            else:
-                from kvloom import get_engine
-
-                runner = {} if {"runner", "task", "convert"} & set(self.vllm_kwargs) else {"runner": "pooling"}
-                self._engine_client = get_engine(
-                    self.model,
-                    dtype=self.dtype,
-                    trust_remote_code=bool(self.trust_remote_code),
-                    tensor_parallel_size=self.tensor_parallel_size or 1,
-                    download_dir=self.download_dir,
-                    **runner,
-                    **self.vllm_kwargs,
-                )
+            runner = {} if {"runner", "task", "convert"} & set(self.vllm_kwargs) else {"runner": "pooling"}
+            self._engine_client = local_engine_client(self, **runner)
             if self._engine_client.runner_type != "pooling":
                 raise ValueError(
                     f"{self._engine_client.model_name} runs a generating engine; an embedding class needs an "
