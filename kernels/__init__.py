@@ -39,9 +39,10 @@ class KernelBackend:
 
 TORCH = KernelBackend("torch", torch_ref.write_kv, torch_ref.paged_attention)
 
-# Up to this many rows a float32 linear layer on CPU runs the C++ streaming kernel
-# (kernels/cpu/gemm.cpp); above it BLAS is faster (kvloom bench linear measures the crossover).
-SMALL_M_ROWS = 16
+# Up to this many rows a float32 linear layer on CPU runs the C++ kernel (kernels/cpu/gemm.cpp:
+# a weight stream for decode batches of 1-4, packed 6 x 16 register tiles above); past it (prefill
+# chunks) MKL's sgemm is as fast or faster. `kvloom bench linear` measures the crossover.
+SMALL_M_ROWS = 256
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

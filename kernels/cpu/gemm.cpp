@@ -1,14 +1,23 @@
-// Float32 linear layer for few rows (decode batches): y[M, N] = x[M, K] @ w[N, K]^T (+ bias).
+// Float32 linear layer for decode batches: y[M, N] = x[M, K] @ w[N, K]^T (+ bias).
 //
-// With few rows a linear layer is a stream over its weight matrix; BLAS sgemm, tuned for large
-// products, reaches about half of the memory bandwidth there. This kernel reads each weight row
-// once per call: threads split the output features into blocks of 4 weight rows; each block
-// computes every row of x against those 4 weight rows (they stay in L1 while x's rows stream past),
-// with 8-wide FMA accumulators over K.
+// With few rows (M <= kDotRows) a linear layer is a stream over its weight matrix; BLAS sgemm,
+// tuned for large products, reaches about half of the memory bandwidth there. That path reads
+// each weight row once per call: threads split the output features into blocks of 4 weight rows;
+// each block computes every row of x against those 4 weight rows (they stay in L1 while x's rows
+// stream past), with 8-wide FMA accumulators over K.
+//
+// With more rows the product is compute-bound and the dot-product form's horizontal sums and
+// loads cap it near half the FMA peak. There the kernel works as BLIS does: 16 weight rows at a
+// time are transposed into a panel [K slice][16] that stays in L1, and a 6 x 16 register tile
+// (12 accumulators) runs outer products over it, one broadcast row element and two panel loads
+// per 12 FMAs. BLAS (MKL) packs the same way but per call at every size; measured on a 2-core
+// Zen 3, 16-128 rows reach 65-80 GFLOP/s a core here against MKL's 45-70.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include "thread_pool.h"
+#include <algorithm>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -17,7 +26,8 @@
 
 namespace {
 
-constexpr int64_t kRows = 4;  // weight rows per block
+constexpr int64_t kRows = 4;     // weight rows per block of the few-rows path
+constexpr int64_t kDotRows = 4;  // up to this many rows of x: the few-rows path
 
 #ifdef KVLOOM_AVX2
 inline float hsum(__m256 v) {
@@ -72,6 +82,145 @@ inline void block(const float* x, const float* w, float* y, int64_t rows, int64_
   if (rows - m == 1) tile<1, R>(x + m * k, w, y + m * n, k, n, n0);
 }
 
+#ifdef KVLOOM_AVX2
+constexpr int64_t kPanel = 16;     // weight rows per packed panel: two 8-wide registers
+constexpr int64_t kTileRows = 6;   // x rows per register tile: 6 x 16 outputs in 12 accumulators
+constexpr int64_t kDepth = 256;    // K slice per panel: 16 x 256 floats = 16 KB, half of L1
+
+// Transposes rows [0, valid) of w (row stride k), columns [k0, k0 + kc), into bp[kc][16]; rows
+// past `valid` are zero.
+inline void pack_panel(const float* w, int64_t k, int64_t valid, int64_t k0, int64_t kc, float* bp) {
+  int64_t i = 0;
+  if (valid == kPanel) {
+    for (; i + 8 <= kc; i += 8)
+      for (int64_t h = 0; h < 2; ++h) {
+        __m256 r[8];
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(w + (h * 8 + j) * k + k0 + i);
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        float* out = bp + i * kPanel + h * 8;
+        _mm256_store_ps(out + 0 * kPanel, _mm256_permute2f128_ps(s0, s4, 0x20));
+        _mm256_store_ps(out + 1 * kPanel, _mm256_permute2f128_ps(s1, s5, 0x20));
+        _mm256_store_ps(out + 2 * kPanel, _mm256_permute2f128_ps(s2, s6, 0x20));
+        _mm256_store_ps(out + 3 * kPanel, _mm256_permute2f128_ps(s3, s7, 0x20));
+        _mm256_store_ps(out + 4 * kPanel, _mm256_permute2f128_ps(s0, s4, 0x31));
+        _mm256_store_ps(out + 5 * kPanel, _mm256_permute2f128_ps(s1, s5, 0x31));
+        _mm256_store_ps(out + 6 * kPanel, _mm256_permute2f128_ps(s2, s6, 0x31));
+        _mm256_store_ps(out + 7 * kPanel, _mm256_permute2f128_ps(s3, s7, 0x31));
+      }
+  }
+  for (; i < kc; ++i)
+    for (int64_t r = 0; r < kPanel; ++r) bp[i * kPanel + r] = r < valid ? w[r * k + k0 + i] : 0.f;
+}
+
+// Copies rows [0, valid) of x (row stride k), columns [k0, k0 + kc), into ap[kc][6] (rows past
+// `valid` zero), so the register tile broadcasts from one sequential stream.
+inline void pack_tile_rows(const float* x, int64_t k, int64_t valid, int64_t k0, int64_t kc, float* ap) {
+  for (int64_t i = 0; i < kc; ++i)
+    for (int64_t m = 0; m < kTileRows; ++m) ap[i * kTileRows + m] = m < valid ? x[m * k + k0 + i] : 0.f;
+}
+
+// c[MR][16] (row stride ldc) = (accumulate ? c : 0) + a[kc][6] (first MR of each 6) @ bp[kc][16].
+// The unroll pragmas make GCC unroll before scalar replacement, so the accumulators live in
+// registers (without them it stored all twelve to the stack every step: half the speed).
+template <int MR>
+inline void panel_tile(const float* __restrict a, const float* __restrict bp, int64_t kc, float* __restrict c,
+                       int64_t ldc, bool accumulate) {
+  __m256 lo[MR], hi[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    lo[m] = accumulate ? _mm256_loadu_ps(c + m * ldc) : _mm256_setzero_ps();
+    hi[m] = accumulate ? _mm256_loadu_ps(c + m * ldc + 8) : _mm256_setzero_ps();
+  }
+#pragma GCC unroll 2
+  for (int64_t i = 0; i < kc; ++i) {
+    const __m256 b0 = _mm256_load_ps(bp + i * kPanel), b1 = _mm256_load_ps(bp + i * kPanel + 8);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 av = _mm256_broadcast_ss(a + i * kTileRows + m);
+      lo[m] = _mm256_fmadd_ps(av, b0, lo[m]);
+      hi[m] = _mm256_fmadd_ps(av, b1, hi[m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_ps(c + m * ldc, lo[m]);
+    _mm256_storeu_ps(c + m * ldc + 8, hi[m]);
+  }
+}
+
+template <int MR>
+inline void panel_tile_into(const float* a, const float* bp, int64_t kc, float* y, int64_t ldy, int64_t valid,
+                            bool accumulate) {
+  if (valid == kPanel) return panel_tile<MR>(a, bp, kc, y, ldy, accumulate);
+  // The last panel of a layer whose width is not a multiple of 16: through a scratch tile.
+  alignas(32) float tmp[MR * kPanel];
+  for (int m = 0; m < MR; ++m)
+    for (int64_t r = 0; r < kPanel; ++r) tmp[m * kPanel + r] = accumulate && r < valid ? y[m * ldy + r] : 0.f;
+  panel_tile<MR>(a, bp, kc, tmp, kPanel, accumulate);
+  for (int m = 0; m < MR; ++m)
+    for (int64_t r = 0; r < valid; ++r) y[m * ldy + r] = tmp[m * kPanel + r];
+}
+
+inline void any_tile_into(int64_t mr, const float* a, const float* bp, int64_t kc, float* y, int64_t ldy,
+                          int64_t valid, bool accumulate) {
+  switch (mr) {
+    case 1: return panel_tile_into<1>(a, bp, kc, y, ldy, valid, accumulate);
+    case 2: return panel_tile_into<2>(a, bp, kc, y, ldy, valid, accumulate);
+    case 3: return panel_tile_into<3>(a, bp, kc, y, ldy, valid, accumulate);
+    case 4: return panel_tile_into<4>(a, bp, kc, y, ldy, valid, accumulate);
+    case 5: return panel_tile_into<5>(a, bp, kc, y, ldy, valid, accumulate);
+    default: return panel_tile_into<6>(a, bp, kc, y, ldy, valid, accumulate);
+  }
+}
+
+// y = x @ w^T through packed panels. x is first packed per K slice and 6-row tile (ap holds slice
+// after slice; slice k0 of tile t starts at ap + k0 * tiles * 6 + t * 6 * kc). Threads split the
+// weight panels; each walks x in blocks of kBlockRows rows that stay in L2, and for every block
+// packs each of its panels' K slices into L1 and runs the block's tiles over it.
+constexpr int64_t kBlockRows = 16 * kTileRows;
+
+inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t rows, int64_t k, int64_t n) {
+  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  std::vector<float> packed(tiles * kTileRows * k);
+  float* ap = packed.data();
+  kvloom::parallel_for(0, tiles, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
+        const int64_t kc = std::min(kDepth, k - k0);
+        pack_tile_rows(xp + t * kTileRows * k, k, std::min(kTileRows, rows - t * kTileRows), k0, kc,
+                       ap + k0 * tiles * kTileRows + t * kTileRows * kc);
+      }
+  });
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  // Enough panels per task for ~2 MFLOP of work.
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(rows * k * kPanel, 1));
+  kvloom::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) static thread_local float bp[kDepth * kPanel];
+    for (int64_t m0 = 0; m0 < rows; m0 += kBlockRows) {
+      const int64_t t0 = m0 / kTileRows, t1 = std::min(tiles, (m0 + kBlockRows) / kTileRows);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n0 = p * kPanel, valid = std::min(kPanel, n - n0);
+        for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
+          const int64_t kc = std::min(kDepth, k - k0);
+          pack_panel(wp + n0 * k, k, valid, k0, kc, bp);
+          const float* slice = ap + k0 * tiles * kTileRows;
+          for (int64_t t = t0; t < t1; ++t)
+            any_tile_into(std::min(kTileRows, rows - t * kTileRows), slice + t * kTileRows * kc, bp, kc,
+                          yp + t * kTileRows * n + n0, n, valid, k0 > 0);
+        }
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
@@ -84,6 +233,13 @@ torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<tor
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+#ifdef KVLOOM_AVX2
+  if (rows > kDotRows) {
+    packed_linear(xp, wp, yp, rows, k, n);
+    if (bias.has_value()) y.add_(*bias);
+    return y;
+  }
+#endif
   const int64_t full = n / kRows;
   // Enough blocks per task that a task streams at least ~64 KB of weights.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k * kRows, 1));

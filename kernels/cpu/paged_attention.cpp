@@ -11,8 +11,9 @@
 #include <vector>
 
 #include "fast_exp.h"
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define KVLOOM_SIMD_ATTENTION 1
 #endif
 
 namespace {
@@ -23,6 +24,8 @@ inline void prefetch_bytes(const float* p, int64_t num_floats) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t off = 0; off < num_floats * 4; off += 64) __builtin_prefetch(c + off, 0, 1);
 }
+
+constexpr int64_t kPrefetchBlocks = 1;
 
 inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
@@ -80,6 +83,80 @@ inline bool block_scores_fast(int64_t group, const float* q, const float* kblock
     default: return false;
   }
 }
+
+inline bool weighted_values_fast(const float* p, const float* vc, const int64_t* table, int64_t start, int64_t ctx,
+                                 int64_t block_size, int64_t block_stride, int64_t d, float inv_sum, float* out) {
+  if (d == 64) weighted_values_avx512<4>(p, vc, table, start, ctx, block_size, block_stride, inv_sum, out);
+  else if (d == 128) weighted_values_avx512<8>(p, vc, table, start, ctx, block_size, block_stride, inv_sum, out);
+  else return false;
+  return true;
+}
+
+#elif defined(KVLOOM_SIMD_ATTENTION)
+// AVX2 (no AVX-512, e.g. AMD Zen 2/3): the same two loops with 8-wide registers.
+
+// Scores of 16 tokens for G query heads: a key dimension of the block is two 8-wide loads. The
+// score buffer is padded to whole blocks, so full stores are safe (positions past ctx are never read).
+template <int G>
+inline void block_scores_avx2(const float* q, const float* kblock, int64_t d, float scale, float* s,
+                              int64_t s_stride) {
+  __m256 lo[G], hi[G];
+  for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < d; ++i) {
+    const __m256 k0 = _mm256_loadu_ps(kblock + i * 16), k1 = _mm256_loadu_ps(kblock + i * 16 + 8);
+    for (int g = 0; g < G; ++g) {
+      const __m256 qv = _mm256_broadcast_ss(q + g * d + i);
+      lo[g] = _mm256_fmadd_ps(qv, k0, lo[g]);
+      hi[g] = _mm256_fmadd_ps(qv, k1, hi[g]);
+    }
+  }
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (int g = 0; g < G; ++g) {
+    _mm256_storeu_ps(s + g * s_stride, _mm256_mul_ps(lo[g], sc));
+    _mm256_storeu_ps(s + g * s_stride + 8, _mm256_mul_ps(hi[g], sc));
+  }
+}
+
+inline bool block_scores_fast(int64_t group, const float* q, const float* kblock, int64_t d, int64_t,
+                              float scale, float* s, int64_t s_stride) {
+  switch (group) {
+    case 1: block_scores_avx2<1>(q, kblock, d, scale, s, s_stride); return true;
+    case 2: block_scores_avx2<2>(q, kblock, d, scale, s, s_stride); return true;
+    case 3: block_scores_avx2<3>(q, kblock, d, scale, s, s_stride); return true;
+    case 4: block_scores_avx2<4>(q, kblock, d, scale, s, s_stride); return true;
+    case 5: block_scores_avx2<5>(q, kblock, d, scale, s, s_stride); return true;
+    case 6: block_scores_avx2<6>(q, kblock, d, scale, s, s_stride); return true;
+    default: return false;
+  }
+}
+
+// Weighted sum over tokens of 64 value dimensions starting at column c0 of rows of width d; eight
+// 8-wide accumulators stay in registers.
+inline void weighted_values_avx2(const float* p, const float* vc, const int64_t* table, int64_t start, int64_t ctx,
+                                 int64_t block_size, int64_t block_stride, int64_t d, int64_t c0, float inv_sum,
+                                 float* out) {
+  __m256 o[8];
+  for (int c = 0; c < 8; ++c) o[c] = _mm256_setzero_ps();
+  for (int64_t b = start / block_size, t = start; t < ctx; ++b) {
+    const float* vp = vc + table[b] * block_stride + (t - b * block_size) * d + c0;
+    const int64_t stop = std::min(ctx, (b + 1) * block_size);
+    if (stop < ctx) prefetch_bytes(vc + table[b + 1] * block_stride, block_size * d);
+    for (; t < stop; ++t, vp += d) {
+      const __m256 w = _mm256_broadcast_ss(p + t);
+      for (int c = 0; c < 8; ++c) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + 8 * c), o[c]);
+    }
+  }
+  const __m256 inv = _mm256_set1_ps(inv_sum);
+  for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + c0 + 8 * c, _mm256_mul_ps(o[c], inv));
+}
+
+inline bool weighted_values_fast(const float* p, const float* vc, const int64_t* table, int64_t start, int64_t ctx,
+                                 int64_t block_size, int64_t block_stride, int64_t d, float inv_sum, float* out) {
+  if (d % 64 != 0) return false;
+  for (int64_t c0 = 0; c0 < d; c0 += 64)
+    weighted_values_avx2(p, vc, table, start, ctx, block_size, block_stride, d, c0, inv_sum, out);
+  return true;
+}
 #endif
 
 }  // namespace
@@ -125,14 +202,16 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
       for (int64_t b = start / block_size; b * block_size < ctx; ++b) {
         const float* kblock = kc + table[b] * block_stride + h * d * block_size;
         const int64_t valid = std::min(block_size, ctx - b * block_size);
-        if ((b + 1) * block_size < ctx) {
-          // Values are fetched during the score pass too, so the weighted sum finds them in cache.
-          const int64_t next = table[b + 1] * block_stride + h * d * block_size;
+        // Fetch blocks kPrefetchBlocks ahead (a block's scores take less time than one DRAM round
+        // trip); values are fetched during the score pass too, so the weighted sum finds them in cache.
+        for (int64_t a = (b == start / block_size ? 1 : kPrefetchBlocks); a <= kPrefetchBlocks; ++a) {
+          if ((b + a) * block_size >= ctx) break;
+          const int64_t next = table[b + a] * block_stride + h * d * block_size;
           prefetch_bytes(kc + next, d * block_size);
           prefetch_bytes(vc + next, d * block_size);
         }
         bool done = false;
-#if defined(__AVX512F__)
+#if defined(KVLOOM_SIMD_ATTENTION)
         if (block_size == 16) done = block_scores_fast(group, qg, kblock, d, valid, fscale, s + b * 16, padded);
 #endif
         if (!done) {
@@ -158,15 +237,8 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
         }
         float* out_row = o + (row * heads + h * group + g) * d;
         const float* vh = vc + h * block_size * d;
-#if defined(__AVX512F__)
-        if (d == 64) {
-          weighted_values_avx512<4>(sg, vh, table, start, ctx, block_size, block_stride, 1.f / sum, out_row);
-          continue;
-        }
-        if (d == 128) {
-          weighted_values_avx512<8>(sg, vh, table, start, ctx, block_size, block_stride, 1.f / sum, out_row);
-          continue;
-        }
+#if defined(KVLOOM_SIMD_ATTENTION)
+        if (weighted_values_fast(sg, vh, table, start, ctx, block_size, block_stride, d, 1.f / sum, out_row)) continue;
 #endif
         for (int64_t i = 0; i < d; ++i) out_row[i] = 0.f;
         for (int64_t t = start; t < ctx; ++t) {

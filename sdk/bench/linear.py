@@ -1,4 +1,4 @@
-"""Float32 linear layers at decode batch sizes: torch's F.linear (BLAS) vs kvloom's C++ few-rows kernel.
+"""Float32 linear layers at decode batch sizes: torch's F.linear (BLAS) vs kvloom's C++ kernel.
 
 For each projection shape of the default model (qkv, o, gate_up, down, LM head) and each row count,
 times both over 30 weight matrices (so the weights stream from memory, as in a forward pass) and
@@ -26,7 +26,7 @@ def _time(fn, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="kvloom bench linear", description=__doc__)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     from kvloom.kernels.cpu_ops import load_cpu_ops
@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
             result = {"shape": name, "n": n, "k": k, "rows": rows, "blas_us": round(blas * 1e6, 1)}
             result |= {"kernel_us": round(kernel * 1e6, 1), "speedup": round(blas / kernel, 2)}
             result |= {"blas_gb_s": round(gb / blas, 1), "kernel_gb_s": round(gb / kernel, 1)}
+            flops = 2 * rows * n * k / 1e9
+            result |= {"blas_gflop_s": round(flops / blas, 1), "kernel_gflop_s": round(flops / kernel, 1)}
             print(json.dumps(result), flush=True)
 
 

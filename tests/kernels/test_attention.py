@@ -49,7 +49,10 @@ def test_decode_reference_matches_dense(heads, kv_heads, head_size):
         torch.testing.assert_close(out[i], dense_attention(q[i], k, v, 0.3), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_size", [(4, 4, 32), (9, 3, 64), (8, 2, 128), (6, 3, 48)])
+# Groups of 1-4 and 6 take the SIMD score loop, 8 the plain one; head sizes 64 and 128 the SIMD value loop.
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_size", [(4, 4, 32), (9, 3, 64), (8, 2, 128), (6, 3, 48), (12, 2, 64), (16, 2, 64)]
+)
 @pytest.mark.parametrize("block_size", [8, 16])
 def test_cpu_kernel_matches_torch_reference(heads, kv_heads, head_size, block_size):
     ops = load_cpu_ops()

@@ -12,8 +12,10 @@ ops = load_cpu_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="C++ CPU kernels unavailable")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 16])
-@pytest.mark.parametrize(("k", "n"), [(8, 4), (37, 5), (576, 960), (1000, 4097), (3, 1)])
+# 1-4 rows take the weight-stream path, more the packed 6 x 16 tiles (every remainder of 6; widths
+# that are not a multiple of 16; K past one 256-wide slice and not a multiple of 8).
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 16, 40, 257])
+@pytest.mark.parametrize(("k", "n"), [(8, 4), (37, 5), (576, 960), (1000, 4097), (3, 1), (300, 33)])
 def test_matches_f_linear(rows, k, n):
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
     x = torch.randn(rows, k, generator=g)
