@@ -25,8 +25,6 @@ inline void prefetch_bytes(const float* p, int64_t num_floats) {
   for (int64_t off = 0; off < num_floats * 4; off += 64) __builtin_prefetch(c + off, 0, 1);
 }
 
-constexpr int64_t kPrefetchBlocks = 1;
-
 inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
@@ -202,11 +200,9 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
       for (int64_t b = start / block_size; b * block_size < ctx; ++b) {
         const float* kblock = kc + table[b] * block_stride + h * d * block_size;
         const int64_t valid = std::min(block_size, ctx - b * block_size);
-        // Fetch blocks kPrefetchBlocks ahead (a block's scores take less time than one DRAM round
-        // trip); values are fetched during the score pass too, so the weighted sum finds them in cache.
-        for (int64_t a = (b == start / block_size ? 1 : kPrefetchBlocks); a <= kPrefetchBlocks; ++a) {
-          if ((b + a) * block_size >= ctx) break;
-          const int64_t next = table[b + a] * block_stride + h * d * block_size;
+        if ((b + 1) * block_size < ctx) {
+          // Values are fetched during the score pass too, so the weighted sum finds them in cache.
+          const int64_t next = table[b + 1] * block_stride + h * d * block_size;
           prefetch_bytes(kc + next, d * block_size);
           prefetch_bytes(vc + next, d * block_size);
         }
