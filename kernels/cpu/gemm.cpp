@@ -184,7 +184,7 @@ inline void any_tile_into(int64_t mr, const float* a, const float* bp, int64_t k
 // after slice; slice k0 of tile t starts at ap + k0 * tiles * 6 + t * 6 * kc). Threads split the
 // weight panels; each walks x in blocks of kBlockRows rows that stay in L2, and for every block
 // packs each of its panels' K slices into L1 and runs the block's tiles over it.
-constexpr int64_t kBlockRows = 16 * kTileRows;
+constexpr int64_t kBlockRows = 48 * kTileRows;  // 288 rows: an x slice of 295 KB stays in L2
 
 inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t rows, int64_t k, int64_t n) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
