@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from kvloom import AsyncLLM, LoRARequest, RequestOutput, SamplingParams
 from kvloom.chat_utils import ChatPrompt, render_chat
 from kvloom.integrations.openai.metrics import ServerMetrics
+from kvloom.llm import with_chat_constraint
 
 
 class APIError(Exception):
@@ -69,6 +70,14 @@ class ServerContext:
             return body.sampling_params(max_tokens, logprobs)
         except ValueError as e:
             raise APIError(str(e)) from None
+
+    @staticmethod
+    def constrain_to_chat(params: SamplingParams, rendered: ChatPrompt) -> SamplingParams:
+        """params with the rendered chat's tool-call constraint (a forced tool's schema), or a 400."""
+        try:
+            return with_chat_constraint(params, rendered)
+        except ValueError as e:
+            raise APIError(str(e), param="tool_choice") from None
 
     async def render(self, body, messages: list[dict], add_generation_prompt: bool) -> ChatPrompt:
         """The chat template's rendering of a body's messages and tools, computed off the event loop."""

@@ -10,7 +10,6 @@ from kvloom.chat_utils import ChatPrompt, FirstCallOnly
 from kvloom.integrations.openai.context import APIError, ServerContext
 from kvloom.integrations.openai.protocol import ChatCompletionRequest, new_id, now, usage
 from kvloom.integrations.openai.streams import chat_logprobs, collect, merge, run_until_disconnected, sse
-from kvloom.llm import with_chat_constraint
 from kvloom.tool_parsers import NamedToolParser
 
 
@@ -30,10 +29,7 @@ def register(app: FastAPI, ctx: ServerContext, responses: dict) -> None:
             raise APIError(
                 "use_beam_search cannot be combined with tools (beam search ignores tool_choice)", param="tools"
             )
-        try:
-            params = with_chat_constraint(params, rendered)
-        except ValueError as e:
-            raise APIError(str(e), param="tool_choice") from None
+        params = ctx.constrain_to_chat(params, rendered)
         rid = new_id("chatcmpl")
         stream = await ctx.open(ids, params, rid, lora)
         named = isinstance(body.tool_choice, dict)

@@ -25,7 +25,6 @@ from kvloom.integrations.openai.protocol_responses import (
     response_usage,
 )
 from kvloom.integrations.openai.streams import chat_logprobs, merge, run_until_disconnected, sse
-from kvloom.llm import with_chat_constraint
 
 DEFAULT_MAX_STORED_RESPONSES = 1000
 
@@ -100,10 +99,7 @@ def register(
         ids = rendered.prompt_token_ids
         max_tokens = ctx.check_length(len(ids), body.max_output_tokens)
         params = ctx.make_params(body, max_tokens, body.logprobs)
-        try:
-            params = with_chat_constraint(params, rendered)
-        except ValueError as e:
-            raise APIError(str(e), param="tool_choice") from None
+        params = ctx.constrain_to_chat(params, rendered)
         rid = new_item_id("resp")
         stream = await ctx.open(ids, params, rid, lora)
         response = response_object(body, rid, model, now())
