@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "fast_exp.h"
@@ -148,6 +149,60 @@ inline void weighted_values_avx2(const float* p, const float* vc, const int64_t*
   for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + c0 + 8 * c, _mm256_mul_ps(o[c], inv));
 }
 
+// The weighted sums of all G heads of a GQA group (G <= 3) in one pass over the values, 32 value
+// dimensions at a time in G x 4 accumulators: each value row is loaded once per 32 dimensions instead
+// of once per head. p holds head g's probabilities at p + g * p_stride; out rows are out_stride apart.
+template <int G>
+inline void group_values_avx2(const float* p, int64_t p_stride, const float* vc, const int64_t* table, int64_t start,
+                              int64_t ctx, int64_t block_size, int64_t block_stride, int64_t d, const float* inv_sum,
+                              float* out, int64_t out_stride) {
+  for (int64_t c0 = 0; c0 < d; c0 += 32) {
+    __m256 acc[G][4];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[g][c] = _mm256_setzero_ps();
+    for (int64_t b = start / block_size, t = start; t < ctx; ++b) {
+      const float* vp = vc + table[b] * block_stride + (t - b * block_size) * d + c0;
+      const int64_t stop = std::min(ctx, (b + 1) * block_size);
+      if (c0 == 0 && stop < ctx) prefetch_bytes(vc + table[b + 1] * block_stride, block_size * d);
+      for (; t < stop; ++t, vp += d) {
+        const __m256 v0 = _mm256_loadu_ps(vp), v1 = _mm256_loadu_ps(vp + 8);
+        const __m256 v2 = _mm256_loadu_ps(vp + 16), v3 = _mm256_loadu_ps(vp + 24);
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) {
+          const __m256 w = _mm256_broadcast_ss(p + g * p_stride + t);
+          acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);
+          acc[g][1] = _mm256_fmadd_ps(w, v1, acc[g][1]);
+          acc[g][2] = _mm256_fmadd_ps(w, v2, acc[g][2]);
+          acc[g][3] = _mm256_fmadd_ps(w, v3, acc[g][3]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const __m256 inv = _mm256_set1_ps(inv_sum[g]);
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) _mm256_storeu_ps(out + g * out_stride + c0 + 8 * c, _mm256_mul_ps(acc[g][c], inv));
+    }
+  }
+}
+
+#define KVLOOM_GROUP_VALUES 1
+inline bool group_values_fast(int64_t group, const float* p, int64_t p_stride, const float* vc, const int64_t* table,
+                              int64_t start, int64_t ctx, int64_t block_size, int64_t block_stride, int64_t d,
+                              const float* inv_sum, float* out, int64_t out_stride) {
+  if (d % 32 != 0) return false;
+  const auto args = std::make_tuple(p, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum, out,
+                                    out_stride);
+  switch (group) {
+    case 1: std::apply(group_values_avx2<1>, args); return true;
+    case 2: std::apply(group_values_avx2<2>, args); return true;
+    case 3: std::apply(group_values_avx2<3>, args); return true;
+    default: return false;
+  }
+}
+
 inline bool weighted_values_fast(const float* p, const float* vc, const int64_t* table, int64_t start, int64_t ctx,
                                  int64_t block_size, int64_t block_stride, int64_t d, float inv_sum, float* out) {
   if (d % 64 != 0) return false;
@@ -185,7 +240,7 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
   const int64_t block_stride = kv_heads * d * block_size;
 
   kvloom::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores, inv;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / kv_heads, h = task % kv_heads;
       const int64_t ctx = sl[row];
@@ -219,6 +274,7 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
             }
         }
       }
+      inv.resize(group);
       for (int64_t g = 0; g < group; ++g) {
         float* sg = s + g * padded;
         if (cap > 0.f)
@@ -231,15 +287,25 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
           sg[t] = kvloom::fast_exp(sg[t] - mx);
           sum += sg[t];
         }
-        float* out_row = o + (row * heads + h * group + g) * d;
-        const float* vh = vc + h * block_size * d;
+        inv[g] = 1.f / sum;
+      }
+      float* out_rows = o + (row * heads + h * group) * d;
+      const float* vh = vc + h * block_size * d;
+#if defined(KVLOOM_GROUP_VALUES)
+      if (group_values_fast(group, s, padded, vh, table, start, ctx, block_size, block_stride, d, inv.data(), out_rows,
+                            d))
+        continue;
+#endif
+      for (int64_t g = 0; g < group; ++g) {
+        const float* sg = s + g * padded;
+        float* out_row = out_rows + g * d;
 #if defined(KVLOOM_SIMD_ATTENTION)
-        if (weighted_values_fast(sg, vh, table, start, ctx, block_size, block_stride, d, 1.f / sum, out_row)) continue;
+        if (weighted_values_fast(sg, vh, table, start, ctx, block_size, block_stride, d, inv[g], out_row)) continue;
 #endif
         for (int64_t i = 0; i < d; ++i) out_row[i] = 0.f;
         for (int64_t t = start; t < ctx; ++t) {
           const float* vp = vh + table[t / block_size] * block_stride + (t % block_size) * d;
-          axpy(sg[t] / sum, vp, out_row, d);
+          axpy(sg[t] * inv[g], vp, out_row, d);
         }
       }
     }
