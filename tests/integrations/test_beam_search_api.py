@@ -8,10 +8,9 @@ import asyncio
 import openai
 import pytest
 
-import kvloom
 from kvloom import LLM, BeamSearchParams
 
-from kvloom_testing import assert_all_blocks_free, wait_idle
+from kvloom_testing import assert_all_blocks_free, served_openai_fixtures, wait_idle
 
 MODEL = "tiny"
 PROMPT = "Paged attention stores"
@@ -19,43 +18,35 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_llama):
+def engine(tiny_llama):
     engine = LLM(tiny_llama, num_gpu_blocks_override=128, max_model_len=512)
     yield engine
     engine.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(llm):
-    with kvloom.serve(llm, served_model_name=MODEL) as handle:
-        yield handle
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused")
+server, client = served_openai_fixtures(MODEL)
 
 
 @pytest.fixture(autouse=True)
-def _blocks_free_after(llm):
+def _blocks_free_after(engine):
     yield
-    wait_idle(llm.llm_engine)
-    assert_all_blocks_free(llm.llm_engine)
+    wait_idle(engine.llm_engine)
+    assert_all_blocks_free(engine.llm_engine)
 
 
-def best(llm, prompt, **params) -> list[list[int]]:
+def best(engine, prompt, **params) -> list[list[int]]:
     """The output token ids of LLM.beam_search's sequences, best first."""
-    (out,) = llm.beam_search([prompt], BeamSearchParams(**params))
+    (out,) = engine.beam_search([prompt], BeamSearchParams(**params))
     return [s.output_tokens for s in out.sequences]
 
 
-def test_completions_run_the_beam_search(client, llm):
+def test_completions_run_the_beam_search(client, engine):
     extra = {"use_beam_search": True, "length_penalty": 0.5, "ignore_eos": True, "return_token_ids": True}
     r = client.completions.create(model=MODEL, prompt=PROMPT, n=3, max_tokens=6, extra_body=extra)
-    want = best(llm, PROMPT, beam_width=3, max_tokens=6, ignore_eos=True, length_penalty=0.5)
+    want = best(engine, PROMPT, beam_width=3, max_tokens=6, ignore_eos=True, length_penalty=0.5)
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert [c.model_extra["token_ids"] for c in r.choices] == want
-    tok = llm.get_tokenizer()
+    tok = engine.get_tokenizer()
     assert [c.text for c in r.choices] == [tok.decode(ids) for ids in want]
     assert all(c.finish_reason == "length" for c in r.choices) and r.usage.completion_tokens == 18
     # best_of sets the width (vLLM <= 0.6's rule) and n how many of the best come back.
@@ -63,14 +54,14 @@ def test_completions_run_the_beam_search(client, llm):
         model=MODEL, prompt=PROMPT, n=2, best_of=4, max_tokens=5, extra_body={**extra, "length_penalty": 1.0}
     )
     assert [c.model_extra["token_ids"] for c in r.choices] == best(
-        llm, PROMPT, beam_width=4, max_tokens=5, ignore_eos=True
+        engine, PROMPT, beam_width=4, max_tokens=5, ignore_eos=True
     )[:2]
 
 
-def test_chat_and_streaming(client, llm):
-    tok = llm.get_tokenizer()
-    ids = llm.llm_engine.apply_chat_template(MESSAGES)
-    want = [tok.decode(t) for t in best(llm, {"prompt_token_ids": ids}, beam_width=2, max_tokens=5, ignore_eos=True)]
+def test_chat_and_streaming(client, engine):
+    tok = engine.get_tokenizer()
+    ids = engine.llm_engine.apply_chat_template(MESSAGES)
+    want = [tok.decode(t) for t in best(engine, {"prompt_token_ids": ids}, beam_width=2, max_tokens=5, ignore_eos=True)]
     extra = {"use_beam_search": True, "ignore_eos": True}
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, n=2, max_tokens=5, extra_body=extra)
     assert [c.message.content for c in r.choices] == want
@@ -112,18 +103,18 @@ def test_what_beam_search_cannot_honour_is_a_400(client, endpoint, fields, name)
     assert ok.usage.completion_tokens == 2
 
 
-def test_langchain_vllm_runs_the_beam_search(llm, server):
+def test_langchain_vllm_runs_the_beam_search(engine, server):
     pytest.importorskip("langchain_core")
     from kvloom.integrations.langchain import VLLM
 
-    tok = llm.get_tokenizer()
-    want = [tok.decode(t) for t in best(llm, PROMPT, beam_width=3, max_tokens=6, ignore_eos=True)]
-    wrapper = VLLM(engine=llm, use_beam_search=True, best_of=3, n=2, max_new_tokens=6, ignore_eos=True)
+    tok = engine.get_tokenizer()
+    want = [tok.decode(t) for t in best(engine, PROMPT, beam_width=3, max_tokens=6, ignore_eos=True)]
+    wrapper = VLLM(engine=engine, use_beam_search=True, best_of=3, n=2, max_new_tokens=6, ignore_eos=True)
     result = wrapper.generate([PROMPT, PROMPT])
     assert [[g.text for g in gens] for gens in result.generations] == [want[:2], want[:2]]
     assert result.generations[0][0].generation_info["finish_reason"] == "length"
     assert asyncio.run(wrapper.agenerate([PROMPT])).generations[0][0].text == want[0]
-    single = VLLM(engine=llm, use_beam_search=True, best_of=3, max_new_tokens=6, ignore_eos=True)
+    single = VLLM(engine=engine, use_beam_search=True, best_of=3, max_new_tokens=6, ignore_eos=True)
     assert [c for c in single.stream(PROMPT)] == [want[0]]  # the whole text, once the search ends
     # Through a running server (base_url) the server runs the same search.
     remote = VLLM(
@@ -133,22 +124,22 @@ def test_langchain_vllm_runs_the_beam_search(llm, server):
     # ChatVLLM searches the chat template's rendering of the conversation.
     from kvloom.integrations.langchain import ChatVLLM
 
-    ids = llm.llm_engine.apply_chat_template(MESSAGES)
-    chat_want = tok.decode(best(llm, {"prompt_token_ids": ids}, beam_width=2, max_tokens=5, ignore_eos=True)[0])
-    chat = ChatVLLM(engine=llm, use_beam_search=True, best_of=2, max_new_tokens=5, ignore_eos=True)
+    ids = engine.llm_engine.apply_chat_template(MESSAGES)
+    chat_want = tok.decode(best(engine, {"prompt_token_ids": ids}, beam_width=2, max_tokens=5, ignore_eos=True)[0])
+    chat = ChatVLLM(engine=engine, use_beam_search=True, best_of=2, max_new_tokens=5, ignore_eos=True)
     assert chat.invoke(MESSAGES[0]["content"]).content == chat_want
     with pytest.raises(ValueError, match="temperature"):
-        VLLM(engine=llm, use_beam_search=True, temperature=0.8)
+        VLLM(engine=engine, use_beam_search=True, temperature=0.8)
     with pytest.raises(ValueError, match="stop"):
         single.invoke(PROMPT, stop=["."])
 
 
-def test_llama_index_vllm_runs_the_beam_search(llm):
+def test_llama_index_vllm_runs_the_beam_search(engine):
     pytest.importorskip("llama_index.core")
     from kvloom.integrations.llama_index import Vllm
 
-    tok = llm.get_tokenizer()
-    want = tok.decode(best(llm, PROMPT, beam_width=3, max_tokens=6, ignore_eos=True)[0])
-    wrapper = Vllm(engine=llm, use_beam_search=True, best_of=3, max_new_tokens=6, ignore_eos=True)
+    tok = engine.get_tokenizer()
+    want = tok.decode(best(engine, PROMPT, beam_width=3, max_tokens=6, ignore_eos=True)[0])
+    wrapper = Vllm(engine=engine, use_beam_search=True, best_of=3, max_new_tokens=6, ignore_eos=True)
     assert wrapper.complete(PROMPT, formatted=True).text == want
     assert "".join(r.delta for r in wrapper.stream_complete(PROMPT, formatted=True)) == want
