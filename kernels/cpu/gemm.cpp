@@ -17,7 +17,7 @@
 
 #include "thread_pool.h"
 #include <algorithm>
-#include <vector>
+#include <memory>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -188,8 +188,9 @@ constexpr int64_t kBlockRows = 48 * kTileRows;  // 288 rows: an x slice of 295 K
 
 inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t rows, int64_t k, int64_t n) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
-  std::vector<float> packed(tiles * kTileRows * k);
-  float* ap = packed.data();
+  // Every element is written by the packing below: no zero-fill first.
+  std::unique_ptr<float[]> packed(new float[tiles * kTileRows * k]);
+  float* ap = packed.get();
   kvloom::parallel_for(0, tiles, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
       for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
