@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <tuple>
 #include <vector>
 
 #include "fast_exp.h"
@@ -129,27 +128,7 @@ inline bool block_scores_fast(int64_t group, const float* q, const float* kblock
   }
 }
 
-// Weighted sum over tokens of 64 value dimensions starting at column c0 of rows of width d; eight
-// 8-wide accumulators stay in registers.
-inline void weighted_values_avx2(const float* p, const float* vc, const int64_t* table, int64_t start, int64_t ctx,
-                                 int64_t block_size, int64_t block_stride, int64_t d, int64_t c0, float inv_sum,
-                                 float* out) {
-  __m256 o[8];
-  for (int c = 0; c < 8; ++c) o[c] = _mm256_setzero_ps();
-  for (int64_t b = start / block_size, t = start; t < ctx; ++b) {
-    const float* vp = vc + table[b] * block_stride + (t - b * block_size) * d + c0;
-    const int64_t stop = std::min(ctx, (b + 1) * block_size);
-    if (stop < ctx) prefetch_bytes(vc + table[b + 1] * block_stride, block_size * d);
-    for (; t < stop; ++t, vp += d) {
-      const __m256 w = _mm256_broadcast_ss(p + t);
-      for (int c = 0; c < 8; ++c) o[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + 8 * c), o[c]);
-    }
-  }
-  const __m256 inv = _mm256_set1_ps(inv_sum);
-  for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + c0 + 8 * c, _mm256_mul_ps(o[c], inv));
-}
-
-// The weighted sums of all G heads of a GQA group (G <= 3) in one pass over the values, 32 value
+// The weighted sums of G heads of a GQA group (G <= 3) in one pass over the values, 32 value
 // dimensions at a time in G x 4 accumulators: each value row is loaded once per 32 dimensions instead
 // of once per head. p holds head g's probabilities at p + g * p_stride; out rows are out_stride apart.
 template <int G>
@@ -188,26 +167,29 @@ inline void group_values_avx2(const float* p, int64_t p_stride, const float* vc,
   }
 }
 
+// All heads of a group, three at a time (3 x 4 accumulators fit the 16 registers).
 #define KVLOOM_GROUP_VALUES 1
 inline bool group_values_fast(int64_t group, const float* p, int64_t p_stride, const float* vc, const int64_t* table,
                               int64_t start, int64_t ctx, int64_t block_size, int64_t block_stride, int64_t d,
                               const float* inv_sum, float* out, int64_t out_stride) {
   if (d % 32 != 0) return false;
-  const auto args = std::make_tuple(p, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum, out,
-                                    out_stride);
-  switch (group) {
-    case 1: std::apply(group_values_avx2<1>, args); return true;
-    case 2: std::apply(group_values_avx2<2>, args); return true;
-    case 3: std::apply(group_values_avx2<3>, args); return true;
-    default: return false;
+  for (int64_t g0 = 0; g0 < group; g0 += 3) {
+    const float* pg = p + g0 * p_stride;
+    float* og = out + g0 * out_stride;
+    switch (std::min<int64_t>(3, group - g0)) {
+      case 1:
+        group_values_avx2<1>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
+                             out_stride);
+        break;
+      case 2:
+        group_values_avx2<2>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
+                             out_stride);
+        break;
+      default:
+        group_values_avx2<3>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
+                             out_stride);
+    }
   }
-}
-
-inline bool weighted_values_fast(const float* p, const float* vc, const int64_t* table, int64_t start, int64_t ctx,
-                                 int64_t block_size, int64_t block_stride, int64_t d, float inv_sum, float* out) {
-  if (d % 64 != 0) return false;
-  for (int64_t c0 = 0; c0 < d; c0 += 64)
-    weighted_values_avx2(p, vc, table, start, ctx, block_size, block_stride, d, c0, inv_sum, out);
   return true;
 }
 #endif
@@ -299,7 +281,7 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
       for (int64_t g = 0; g < group; ++g) {
         const float* sg = s + g * padded;
         float* out_row = out_rows + g * d;
-#if defined(KVLOOM_SIMD_ATTENTION)
+#if defined(__AVX512F__)
         if (weighted_values_fast(sg, vh, table, start, ctx, block_size, block_stride, d, inv[g], out_row)) continue;
 #endif
         for (int64_t i = 0; i < d; ++i) out_row[i] = 0.f;
