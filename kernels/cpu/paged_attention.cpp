@@ -262,6 +262,7 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
         if (cap > 0.f)
           for (int64_t t = start; t < ctx; ++t) sg[t] = cap * std::tanh(sg[t] / cap);
         float mx = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : mx)
         for (int64_t t = start; t < ctx; ++t) mx = sg[t] > mx ? sg[t] : mx;
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
