@@ -40,16 +40,17 @@ class KernelBackend:
 TORCH = KernelBackend("torch", torch_ref.write_kv, torch_ref.paged_attention)
 
 # Up to this many rows a float32 linear layer on CPU runs the C++ kernel (kernels/cpu/gemm.cpp:
-# a weight stream for decode batches of 1-4, packed 6 x 16 register tiles above); past it (prefill
-# chunks) MKL's sgemm is as fast or faster. `kvloom bench linear` measures the crossover.
-SMALL_M_ROWS = 256
+# a weight stream for decode batches of 1-4, packed 6 x 16 register tiles above, prefill chunks
+# included); past it (longer than the default chunk budget of 2048 tokens) MKL's sgemm, as
+# `kvloom bench linear` was not run there. `kvloom bench linear` measures both side by side.
+KERNEL_MAX_ROWS = 2048
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with the C++ few-rows kernel for float32 decode batches on CPU when it is built."""
     if (
         x.dim() == 2
-        and x.shape[0] <= SMALL_M_ROWS
+        and x.shape[0] <= KERNEL_MAX_ROWS
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.device.type == "cpu"

@@ -85,7 +85,7 @@ inline void block(const float* x, const float* w, float* y, int64_t rows, int64_
 #ifdef KVLOOM_AVX2
 constexpr int64_t kPanel = 16;     // weight rows per packed panel: two 8-wide registers
 constexpr int64_t kTileRows = 6;   // x rows per register tile: 6 x 16 outputs in 12 accumulators
-constexpr int64_t kDepth = 256;    // K slice per panel: 16 x 256 floats = 16 KB, half of L1
+constexpr int64_t kDepth = 256;    // longest K slice per panel: 16 x 256 floats = 16 KB, half of L1
 
 // Transposes rows [0, valid) of w (row stride k), columns [k0, k0 + kc), into bp[kc][16]; rows
 // past `valid` are zero.
@@ -188,13 +188,18 @@ constexpr int64_t kBlockRows = 48 * kTileRows;  // 288 rows: an x slice of 295 K
 
 inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t rows, int64_t k, int64_t n) {
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  // K in slices of equal depth (a multiple of 8, at most kDepth): K = 576 runs as 3 x 192 rather
+  // than 256 + 256 + 64, whose short last slice paid a tile's accumulator load and store for a
+  // quarter of the arithmetic.
+  const int64_t slices = (k + kDepth - 1) / kDepth;
+  const int64_t depth = std::min(kDepth, ((k + slices - 1) / slices + 7) / 8 * 8);
   // Every element is written by the packing below: no zero-fill first.
   std::unique_ptr<float[]> packed(new float[tiles * kTileRows * k]);
   float* ap = packed.get();
   kvloom::parallel_for(0, tiles, std::max<int64_t>(1, 4096 / k), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
-      for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
-        const int64_t kc = std::min(kDepth, k - k0);
+      for (int64_t k0 = 0; k0 < k; k0 += depth) {
+        const int64_t kc = std::min(depth, k - k0);
         pack_tile_rows(xp + t * kTileRows * k, k, std::min(kTileRows, rows - t * kTileRows), k0, kc,
                        ap + k0 * tiles * kTileRows + t * kTileRows * kc);
       }
@@ -208,8 +213,8 @@ inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t r
       const int64_t t0 = m0 / kTileRows, t1 = std::min(tiles, (m0 + kBlockRows) / kTileRows);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n0 = p * kPanel, valid = std::min(kPanel, n - n0);
-        for (int64_t k0 = 0; k0 < k; k0 += kDepth) {
-          const int64_t kc = std::min(kDepth, k - k0);
+        for (int64_t k0 = 0; k0 < k; k0 += depth) {
+          const int64_t kc = std::min(depth, k - k0);
           pack_panel(wp + n0 * k, k, valid, k0, kc, bp);
           const float* slice = ap + k0 * tiles * kTileRows;
           for (int64_t t = t0; t < t1; ++t)

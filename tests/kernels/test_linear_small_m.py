@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvloom.kernels import SMALL_M_ROWS, dense_linear
+from kvloom.kernels import KERNEL_MAX_ROWS, dense_linear
 from kvloom.kernels.cpu_ops import load_cpu_ops
 
 ops = load_cpu_ops()
 pytestmark = pytest.mark.skipif(ops is None, reason="C++ CPU kernels unavailable")
 
 
-# 1-4 rows take the weight-stream path, more the packed 6 x 16 tiles (every remainder of 6; widths
-# that are not a multiple of 16; K past one 256-wide slice and not a multiple of 8).
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 16, 40, 257])
+# 1-4 rows take the weight-stream path, more the packed 6 x 16 tiles (every remainder of 6; more
+# than two 288-row blocks of x; widths that are not a multiple of 16; K past one 256-wide slice, in
+# equal slices with a shorter last one, and not a multiple of 8).
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 16, 40, 257, 600])
 @pytest.mark.parametrize(("k", "n"), [(8, 4), (37, 5), (576, 960), (1000, 4097), (3, 1), (300, 33)])
 def test_matches_f_linear(rows, k, n):
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
@@ -30,7 +31,7 @@ def test_matches_f_linear(rows, k, n):
 def test_dense_linear_dispatch():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 32, generator=g)
-    for rows in (1, SMALL_M_ROWS, SMALL_M_ROWS + 1):
+    for rows in (1, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1):
         x = torch.randn(rows, 32, generator=g)
         torch.testing.assert_close(dense_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-5)
     # A non-contiguous input, a 3-D input and half precision take the right path too.
