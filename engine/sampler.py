@@ -8,6 +8,7 @@ import torch
 
 from kvloom.engine.sampling_params import SamplingParams
 from kvloom.engine.scheduler.output import Logprobs
+from kvloom.kernels import argmax_rows
 
 
 @dataclass(eq=False)
@@ -40,7 +41,7 @@ class Sampler:
         logits = self._apply_penalties(logits, states)
         greedy = all(p.temperature < 1e-5 for p in params)
         if greedy:
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax_rows(logits)
         else:
             tokens = self._sample(logits, states)
         token_list = tokens.tolist()
@@ -88,7 +89,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         params = [s.params for s in states]
         is_greedy = torch.tensor([p.temperature < 1e-5 for p in params])
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = argmax_rows(logits)
         probs = _probs(logits, params)
         # Exponential race (equivalent to sampling from probs); seeded rows draw from their own stream
         # so their samples do not depend on what else is in the batch.

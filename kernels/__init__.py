@@ -17,7 +17,7 @@ from . import torch_ref
 from .cpu_ops import load_cpu_ops
 from .metadata import AttentionMetadata, LoRAMetadata
 
-__all__ = ["AttentionMetadata", "KernelBackend", "LoRAMetadata", "dense_linear", "get_backend"]
+__all__ = ["AttentionMetadata", "KernelBackend", "LoRAMetadata", "argmax_rows", "dense_linear", "get_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,15 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if ops is not None:
             return ops.linear_small_m(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) for [rows, vocab] logits, with the C++ kernel for float32 on CPU."""
+    if logits.dim() == 2 and logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.shape[1] > 0:
+        ops = load_cpu_ops()
+        if ops is not None:
+            return ops.argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def _cpu_backend() -> KernelBackend | None:

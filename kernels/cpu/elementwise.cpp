@@ -97,3 +97,36 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
   });
   return out;
 }
+
+// Index of each row's largest value, as torch.argmax(dim=-1): the first index of the maximum, or
+// of the first NaN when a row has one. Rows in parallel; one vectorized pass for the maximum (and
+// whether a NaN is present), a second that stops at its first occurrence. torch's argmax on a
+// [64, 49152] float32 batch of logits took 3.7 ms here (3.4 GB/s); this reads at cache speed.
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) > 0, "float32 [rows, n], n > 0");
+  x = x.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  auto out = torch::empty({rows}, x.options().dtype(at::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  kvloom::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* r = xp + row * n;
+      float mx = r[0];
+      int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+      for (int64_t i = 0; i < n; ++i) {
+        mx = r[i] > mx ? r[i] : mx;
+        nan |= r[i] != r[i];
+      }
+      int64_t at = 0;
+      if (nan) {
+        while (r[at] == r[at]) ++at;
+      } else {
+        while (r[at] != mx) ++at;
+      }
+      op[row] = at;
+    }
+  });
+  return out;
+}

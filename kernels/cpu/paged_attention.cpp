@@ -341,6 +341,7 @@ torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, t
 void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k, torch::Tensor cos,
                       torch::Tensor sin);
 torch::Tensor silu_and_mul(torch::Tensor x);
+torch::Tensor argmax_rows(torch::Tensor x);
 torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 
 // The kernels release the GIL while they run (as torch's own ops do): the server's threads and other
@@ -355,6 +356,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding, "in-place NeoX rotary embedding of q and k",
         py::call_guard<py::gil_scoped_release>());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up", py::call_guard<py::gil_scoped_release>());
+  m.def("argmax_rows", &argmax_rows, "torch.argmax(x, dim=-1) of float32 [rows, n]",
+        py::call_guard<py::gil_scoped_release>());
   m.def("write_kv", &write_kv, "store keys and values at their slots of the paged caches",
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_small_m", &linear_small_m, "float32 x @ w^T (+ bias) for few rows (decode batches)",
