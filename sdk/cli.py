@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(srv)
     srv.set_defaults(func=_serve)
 
-    benches = ["throughput", "prefix", "serve", "profile", "linear", "lora", "structured", "soak", "tp", "quant"]
+    benches = ["throughput", "prefix", "serve", "profile", "ops", "linear", "lora", "structured", "soak", "tp", "quant"]
     bench = sub.add_parser("bench", help=f"benchmarks: {', '.join(benches)}")
     bench.add_argument("which", choices=benches)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
