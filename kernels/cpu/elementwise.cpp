@@ -91,8 +91,16 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
       const float* g = xp + row * 2 * inter;
       const float* u = g + inter;
       float* o = op + row * inter;
-#pragma omp simd
-      for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.f + kvloom::fast_exp(-g[i])) * u[i];
+      int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; i + 8 <= inter; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 e = kvloom::fast_exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(o + i, _mm256_div_ps(_mm256_mul_ps(gv, _mm256_loadu_ps(u + i)),
+                                              _mm256_add_ps(e, _mm256_set1_ps(1.f))));
+      }
+#endif
+      for (; i < inter; ++i) o[i] = g[i] / (1.f + kvloom::fast_exp(-g[i])) * u[i];
     }
   });
   return out;

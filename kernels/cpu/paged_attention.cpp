@@ -265,8 +265,19 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
 #pragma omp simd reduction(max : mx)
         for (int64_t t = start; t < ctx; ++t) mx = sg[t] > mx ? sg[t] : mx;
         float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = start; t < ctx; ++t) {
+        int64_t t = start;
+#if defined(__AVX2__) && defined(__FMA__)
+        __m256 sum8 = _mm256_setzero_ps();
+        for (const __m256 mx8 = _mm256_set1_ps(mx); t + 8 <= ctx; t += 8) {
+          const __m256 e = kvloom::fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + t), mx8));
+          _mm256_storeu_ps(sg + t, e);
+          sum8 = _mm256_add_ps(sum8, e);
+        }
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, sum8);
+        for (float lane : lanes) sum += lane;
+#endif
+        for (; t < ctx; ++t) {
           sg[t] = kvloom::fast_exp(sg[t] - mx);
           sum += sg[t];
         }
