@@ -6,7 +6,8 @@ float32, and during steps --start .. --start + --steps - 1 times every call into
 (each linear layer shape on its own line) and each step's forward pass. Prints one JSON line per
 kernel (milliseconds and calls per step), then one for the window: its steps' mean batch (sequences,
 tokens), the forward pass per step, and what is left outside the kernels (torch ops, Python). With
--n 64 the steps from ~10 on decode all 64 sequences; lower --start to see prefill steps.
+-n 64 the steps from ~10 on decode all 64 sequences; lower --start to see prefill steps (-n 1 --start 1
+--steps 1: one prompt's prefill). Steps are counted after a one-token warm-up request.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     cpu_ops._loaded["ops"] = timed
     try:
         llm = LLM(model_dir, dtype="float32", **json.loads(args.engine_kwargs))
+        # One tiny request first, so that the window holds no first-call costs (pool start-up, page faults).
+        llm.generate([items[0].prompt_token_ids[:8]], SamplingParams(max_tokens=1), use_tqdm=False)
         engine = llm.llm_engine
         execute, engine_step = engine.executor.execute_model, engine.step
         step, forward, batch = [0], [], []
