@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     n = len(forward)
     if n == 0:
         raise SystemExit(f"kvloom bench ops: the workload ended after {step[0]} steps, before step {args.start}")
+    if not timed.seconds:
+        raise SystemExit(
+            "kvloom bench ops: no kernel call ran in this process (the model ran in a worker process?); "
+            'time it with the in-process executor: --engine-kwargs \'{"distributed_executor_backend": "uni"}\''
+        )
     in_kernels = 0.0
     for key in sorted(timed.seconds, key=timed.seconds.get, reverse=True):
         in_kernels += timed.seconds[key]

@@ -33,3 +33,10 @@ def test_refuses_a_window_past_the_workload(tiny_llama):
     with pytest.raises(SystemExit, match="before step 500"):
         small = ["--model", tiny_llama, "-n", "2", "--prompt-len", "16", "64"]
         bench_ops.main([*small, "--max-tokens", "4", "--start", "500", "--steps", "1"])
+
+
+def test_refuses_when_the_model_runs_in_a_worker_process(tiny_llama):
+    # The timing stand-in lives in this process: a worker process's kernel calls cannot be seen.
+    small = ["--model", tiny_llama, "-n", "2", "--prompt-len", "16", "64", "--max-tokens", "6", "--start", "2"]
+    with pytest.raises(SystemExit, match="no kernel call ran in this process"):
+        bench_ops.main([*small, "--steps", "2", "--engine-kwargs", '{"distributed_executor_backend": "mp"}'])
