@@ -41,13 +41,13 @@ TORCH = KernelBackend("torch", torch_ref.write_kv, torch_ref.paged_attention)
 
 # Up to this many rows a float32 linear layer on CPU runs the C++ kernel (kernels/cpu/gemm.cpp:
 # a weight stream for decode batches of 1-4, packed 6 x 16 register tiles above, prefill chunks
-# included); past it (longer than the default chunk budget of 2048 tokens) MKL's sgemm, as
-# `kvloom bench linear` was not run there. `kvloom bench linear` measures both side by side.
+# included); longer chunks than the default budget of 2048 tokens, which were never timed, keep
+# MKL's sgemm. `kvloom bench linear --rows ...` times both side by side.
 KERNEL_MAX_ROWS = 2048
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, with the C++ few-rows kernel for float32 decode batches on CPU when it is built."""
+    """F.linear, with the C++ kernel for float32 on CPU (decode batches, prefill chunks) when it is built."""
     if (
         x.dim() == 2
         and x.shape[0] <= KERNEL_MAX_ROWS
