@@ -371,6 +371,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("write_kv", &write_kv, "store keys and values at their slots of the paged caches",
         py::call_guard<py::gil_scoped_release>());
-  m.def("linear_small_m", &linear_small_m, "float32 x @ w^T (+ bias): a weight stream for 1-4 rows, packed register tiles above",
+  m.def("linear_small_m", &linear_small_m,
+        "float32 x @ w^T (+ bias): a weight stream for 1-4 rows, packed register tiles above",
         py::call_guard<py::gil_scoped_release>());
 }
