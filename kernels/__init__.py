@@ -17,7 +17,17 @@ from . import torch_ref
 from .cpu_ops import load_cpu_ops
 from .metadata import AttentionMetadata, LoRAMetadata
 
-__all__ = ["AttentionMetadata", "KernelBackend", "LoRAMetadata", "argmax_rows", "dense_linear", "get_backend"]
+__all__ = [
+    "AttentionMetadata",
+    "KernelBackend",
+    "LoRAMetadata",
+    "argmax_rows",
+    "dense_linear",
+    "get_backend",
+    "pack_linear_weight",
+    "packed_linear",
+    "packed_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +71,43 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         if ops is not None:
             return ops.linear_small_m(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+# Panels of the packed layout: 16 weight rows, stored [K][16] (kernels/cpu/gemm.cpp).
+PANEL_ROWS = 16
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """A float32 CPU weight [N, K] laid out once as the C++ kernel's panels [ceil(N / 16), K, 16].
+
+    None where that kernel does not serve the weight (another dtype or device, a build without
+    AVX2/FMA, no compiler). `packed_linear` multiplies by the result at any row count, so a layer
+    that packs its weight can drop the row-major copy; `packed_rows` reads rows back (embeddings).
+    """
+    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.shape[0] == 0:
+        return None
+    ops = load_cpu_ops()
+    if ops is None or not ops.packed_linear_available():
+        return None
+    return ops.pack_linear_weight(weight.detach())
+
+
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) for packed = pack_linear_weight(weight); x float32 [..., K], no autograd."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("packed linear weights have no backward pass (the engine runs under inference mode)")
+    if x.dtype != torch.float32:
+        raise TypeError(f"packed linear weights are float32; the input is {x.dtype}")
+    shape = x.shape
+    y = load_cpu_ops().linear_packed(x.reshape(-1, shape[-1]), packed, out_features, bias)
+    return y.reshape(*shape[:-1], out_features)
+
+
+def packed_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the weight that `packed` holds (F.embedding(ids, weight)): [*ids.shape, K]."""
+    return packed[ids // PANEL_ROWS, :, ids % PANEL_ROWS]
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -354,6 +354,9 @@ void rotary_embedding(torch::Tensor positions, torch::Tensor q, torch::Tensor k,
 torch::Tensor silu_and_mul(torch::Tensor x);
 torch::Tensor argmax_rows(torch::Tensor x);
 torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+bool packed_linear_available();
+torch::Tensor pack_linear_weight(torch::Tensor w);
+torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, int64_t n, c10::optional<torch::Tensor> bias);
 
 // The kernels release the GIL while they run (as torch's own ops do): the server's threads and other
 // engines keep going meanwhile.
@@ -373,5 +376,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_small_m", &linear_small_m,
         "float32 x @ w^T (+ bias): a weight stream for 1-4 rows, packed register tiles above",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("packed_linear_available", &packed_linear_available, "whether this build has the packed linear kernels");
+  m.def("pack_linear_weight", &pack_linear_weight, "float32 w [N, K] as the kernel's panels [N / 16, K, 16]",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_packed", &linear_packed, "float32 x @ w^T (+ bias) with w given as pack_linear_weight(w)",
+        py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(),
         py::call_guard<py::gil_scoped_release>());
 }

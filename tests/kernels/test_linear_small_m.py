@@ -1,11 +1,11 @@
-"""The C++ few-rows float32 linear kernel (kernels/cpu/gemm.cpp) against torch's F.linear."""
+"""The C++ float32 linear kernels (kernels/cpu/gemm.cpp) against torch's F.linear."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvloom.kernels import KERNEL_MAX_ROWS, dense_linear
+from kvloom.kernels import KERNEL_MAX_ROWS, dense_linear, pack_linear_weight, packed_linear, packed_rows
 from kvloom.kernels.cpu_ops import load_cpu_ops
 
 ops = load_cpu_ops()
@@ -41,3 +41,41 @@ def test_dense_linear_dispatch():
     torch.testing.assert_close(dense_linear(x3, w), x3 @ w.T, rtol=1e-5, atol=1e-5)
     xb, wb = x.bfloat16(), w.bfloat16()
     assert dense_linear(xb, wb).dtype == torch.bfloat16
+
+
+# Weights packed once into [N / 16, K, 16] panels (what the engine's float32 CPU layers hold): the
+# few-rows panel stream for 1-4 rows (K odd for the last single step), the register tiles above,
+# and no row limit (the row-major weight is gone, so no BLAS fallback).
+@pytest.mark.skipif(ops is None or not ops.packed_linear_available(), reason="needs the AVX2 build")
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 11, 600, 2049])
+@pytest.mark.parametrize(("k", "n"), [(8, 4), (37, 5), (576, 960), (1000, 4097), (3, 1), (300, 33)])
+def test_packed_weights_match_f_linear(rows, k, n):
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
+    packed = pack_linear_weight(w)
+    assert packed.shape == (-(-n // 16), k, 16)
+    want = torch.nn.functional.linear(x, w, b)
+    torch.testing.assert_close(packed_linear(x, packed, n, b), want, rtol=1e-5, atol=1e-4 * k**0.5)
+    torch.testing.assert_close(packed_linear(x, packed, n), want - b, rtol=1e-5, atol=1e-4 * k**0.5)
+    ids = torch.randint(0, n, (3, 5), generator=g)
+    torch.testing.assert_close(packed_rows(packed, ids), torch.nn.functional.embedding(ids, w), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(ops is None or not ops.packed_linear_available(), reason="needs the AVX2 build")
+def test_packed_linear_refuses_what_it_cannot_do():
+    w = torch.randn(40, 24)
+    packed = pack_linear_weight(w)
+    x3 = torch.randn(2, 3, 24)
+    torch.testing.assert_close(packed_linear(x3, packed, 40), x3 @ w.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="n does not match"):
+        packed_linear(x3, packed, 60)
+    with pytest.raises(RuntimeError, match="x \\[M, K\\]"):
+        packed_linear(torch.randn(2, 25), packed, 40)
+    with pytest.raises(TypeError, match="float32"):
+        packed_linear(x3.double(), packed, 40)
+    with pytest.raises(RuntimeError, match="no backward"):
+        packed_linear(torch.randn(2, 24, requires_grad=True), packed, 40)
+    # Nothing to pack: other dtypes, an empty weight.
+    assert pack_linear_weight(w.bfloat16()) is None and pack_linear_weight(torch.empty(0, 24)) is None
