@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from kvloom.engine.layers.linear import pack_linear_weights
 from kvloom.engine.layers.quant import QuantConfig, finish_quantization, prepare_quantization
 from kvloom.engine.model_loader.quant_formats import convert_weights
 from kvloom.engine.model_loader.weights import iter_weights
@@ -19,6 +21,8 @@ from kvloom.engine.pooling.pooler import pool
 from kvloom.engine.sampler import Sampler, SamplingState, logprobs_row
 from kvloom.engine.scheduler.output import Logprobs, ModelRunnerOutput, ScheduledSeq, SchedulerOutput
 from kvloom.kernels import AttentionMetadata, LoRAMetadata, get_backend
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -56,6 +60,11 @@ class ModelRunner:
                 self.model.load_weights(convert_weights(iter_weights(model_dir, None), quantization, dtype))
         if quantization is not None:
             finish_quantization(self.model, quantization)
+        # Float32 weights on CPU: laid out once in the C++ GEMM's panel layout (the row-major copies
+        # are dropped; the kernel would otherwise transpose every panel on every call).
+        packed, nbytes = pack_linear_weights(self.model)
+        if packed:
+            logger.info("linear weights: %d float32 layers packed in 16-row panels (%.1f MiB)", packed, nbytes / 2**20)
         self.model.eval()
         self.sampler = Sampler(arch.vocab_size, seed)
         self.states: dict[str, SamplingState] = {}

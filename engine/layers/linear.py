@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kvloom.engine.parallel import SINGLE, TPContext
-from kvloom.kernels import dense_linear
+from kvloom.kernels import dense_linear, pack_linear_weight, packed_linear
 
 
 class _Linear(nn.Module):
@@ -31,12 +31,24 @@ class _Linear(nn.Module):
             self.bias.weight_loader = self.weight_loader
         self.lora = None  # a LinearLoRA once the engine enables LoRA
         self.quant = None  # a QuantizedLinearMethod when the weights are int8/int4
+        self.weight_packed = None  # the C++ kernel's panels once pack_weight() ran (then `weight` is gone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = dense_linear(x, self.weight, self.bias) if self.quant is None else self.quant.apply(x, self.bias)
+        y = self._matmul(x, self.bias)
         if self.lora is not None:
             self.lora.apply(x, y)
         return y
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.apply(x, bias)
+        if self.weight_packed is not None:
+            return packed_linear(x, self.weight_packed, self.out_features, bias)
+        return dense_linear(x, self.weight, bias)
+
+    def pack_weight(self) -> int:
+        """Replace the float32 CPU weight by the C++ kernel's packed layout (after loading); its bytes, 0 if kept."""
+        return 0 if self.quant is not None else pack_module_weight(self)
 
     # ---- this rank's slices (checkpoint weights and LoRA weights alike) ----------------------
     def output_slices(self) -> list[tuple[object, int, int]]:
@@ -136,8 +148,7 @@ class RowParallelLinear(_Linear):
         super().__init__(tp.shard(in_features, "input features"), out_features, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = dense_linear(x, self.weight) if self.quant is None else self.quant.apply(x)
-        y = self.tp.all_reduce(y)
+        y = self.tp.all_reduce(self._matmul(x, None))
         if self.lora is not None:
             # Shrink on this rank's input columns, sum the partial [T, r] over ranks, then expand.
             self.lora.apply(x, y, reduce=self.tp.all_reduce)
@@ -153,3 +164,29 @@ class RowParallelLinear(_Linear):
             self._copy(param.data, loaded, "row-parallel bias")
             return
         self._copy(param.data, self.shard_cols(loaded), "row-parallel weight")
+
+
+def pack_module_weight(module: nn.Module) -> int:
+    """Replace module.weight (float32 on CPU, row-major [N, K]) by module.weight_packed, the C++ kernel's
+    panels (kvloom.kernels.pack_linear_weight); its bytes, or 0 where the kernel does not serve the weight."""
+    if module.weight_packed is not None:
+        return 0
+    packed = pack_linear_weight(module.weight.data)
+    if packed is None:
+        return 0
+    del module.weight
+    module.weight_packed = nn.Parameter(packed, requires_grad=False)
+    return packed.numel() * packed.element_size()
+
+
+def pack_linear_weights(model: nn.Module) -> tuple[int, int]:
+    """Pack every float32 CPU linear weight of a loaded model, and its logits head (see
+    VocabParallelEmbedding.pack_weight); (layers packed, their bytes)."""
+    count = total = 0
+    head = getattr(model, "logits_head", None)
+    modules = [m for m in model.modules() if isinstance(m, _Linear)] + ([head()] if head is not None else [])
+    for module in modules:
+        nbytes = module.pack_weight()
+        count += nbytes > 0
+        total += nbytes
+    return count, total

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvloom.engine.layers.linear import pack_module_weight
 from kvloom.engine.parallel import SINGLE, TPContext
-from kvloom.kernels import dense_linear
+from kvloom.kernels import dense_linear, packed_linear, packed_rows
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -25,6 +26,7 @@ class VocabParallelEmbedding(nn.Module):
         self.start = tp.rank * self.rows
         self.weight = nn.Parameter(torch.zeros(self.rows, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.weight_packed = None  # the C++ kernel's panels once pack_weight() ran (then `weight` is gone)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if loaded.shape[0] != self.vocab_size or loaded.shape[1] != param.shape[1]:
@@ -35,29 +37,40 @@ class VocabParallelEmbedding(nn.Module):
         param.data.zero_()
         param.data[: part.shape[0]].copy_(part)
 
+    def pack_weight(self) -> int:
+        """Keep this rank's rows only in the C++ kernel's packed layout (for a module that computes logits:
+        an untied LM head, or a tied embedding, whose lookups then read rows from the panels); its bytes,
+        0 if kept as it is."""
+        return pack_module_weight(self)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.weight_packed is not None:
+            return packed_rows(self.weight_packed, ids)
+        return F.embedding(ids, self.weight)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._rows(input_ids)
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.rows)
-        x = F.embedding(local.masked_fill(outside, 0), self.weight)
+        x = self._rows(local.masked_fill(outside, 0))
         x.masked_fill_(outside.unsqueeze(-1), 0)
         return self.tp.all_reduce(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits over the whole vocabulary from this rank's rows (an LM head, or a tied embedding:
+        both split the vocabulary the same way)."""
+        if self.weight_packed is not None:
+            logits = packed_linear(hidden, self.weight_packed, self.rows)
+        else:
+            logits = dense_linear(hidden, self.weight)
+        if self.tp.size > 1:
+            logits = self.tp.all_gather_last(logits)[..., : self.vocab_size]
+        return logits.float()
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Output projection over this rank's vocabulary rows (checkpoint name `lm_head.weight`)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_logits(hidden, self.weight, self.tp, self.vocab_size)
-
-
-def vocab_parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, tp: TPContext, vocab_size: int) -> torch.Tensor:
-    """Float32 logits over the whole vocabulary from this rank's rows of an embedding-shaped weight.
-
-    Tied models pass the embedding's shard: both split the vocabulary the same way.
-    """
-    logits = dense_linear(hidden, weight)
-    if tp.size > 1:
-        logits = tp.all_gather_last(logits)[..., :vocab_size]
-    return logits.float()
+        return self.compute_logits(hidden)

@@ -10,7 +10,7 @@ from torch import nn
 from kvloom.engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kvloom.engine.layers.norm import RMSNorm
 from kvloom.engine.layers.rotary import RotaryEmbedding
-from kvloom.engine.layers.vocab import ParallelLMHead, VocabParallelEmbedding, vocab_parallel_logits
+from kvloom.engine.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from kvloom.engine.lora.adapter import lora_shapes
 from kvloom.engine.models.arch import ArchConfig
 from kvloom.engine.parallel import SINGLE, TPContext
@@ -161,9 +161,12 @@ class LlamaForCausalLM(nn.Module):
         """Full (unsharded) (in_features, out_features) of every projection an adapter may target."""
         return lora_shapes(self.cfg)
 
+    def logits_head(self) -> VocabParallelEmbedding:
+        """The module whose rows give the logits: the LM head, or the embedding when they are tied."""
+        return self.embed_tokens if self.lm_head is None else self.lm_head
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return vocab_parallel_logits(hidden, head.weight, self.tp, self.cfg.vocab_size)
+        return self.logits_head().compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (HF names) into this model's (possibly fused, sharded) parameters."""
