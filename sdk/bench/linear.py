@@ -1,8 +1,10 @@
 """Float32 linear layers at decode batch sizes: torch's F.linear (BLAS) vs kvloom's C++ kernel.
 
 For each projection shape of the default model (qkv, o, gate_up, down, LM head) and each row count,
-times both over 30 weight matrices (so the weights stream from memory, as in a forward pass) and
-prints one JSON line with microseconds per call and the weight bandwidth each reaches.
+times BLAS, the kernel on a row-major weight (`kernel_*`: it transposes its panels per call) and, with
+an AVX2 build, the kernel on weights packed once as the engine holds them (`packed_*`), each over 30
+weight matrices (so the weights stream from memory, as in a forward pass), and prints one JSON line
+with microseconds per call and the weight bandwidth and GFLOP/s each reaches.
 """
 
 from __future__ import annotations
@@ -37,17 +39,21 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     for name, (n, k) in SHAPES.items():
         weights = [torch.randn(n, k, generator=gen) for _ in range(1 if name == "lm_head" else 30)]
+        packs = [ops.pack_linear_weight(w) for w in weights] if ops.packed_linear_available() else None
         for rows in args.rows:
             x = torch.randn(rows, k, generator=gen)
             blas = _time(lambda x=x, ws=weights: [torch.nn.functional.linear(x, w) for w in ws], args.repeats)
             kernel = _time(lambda x=x, ws=weights: [ops.linear_small_m(x, w, None) for w in ws], args.repeats)
-            blas, kernel = blas / len(weights), kernel / len(weights)
-            gb = n * k * 4 / 1e9
-            result = {"shape": name, "n": n, "k": k, "rows": rows, "blas_us": round(blas * 1e6, 1)}
-            result |= {"kernel_us": round(kernel * 1e6, 1), "speedup": round(blas / kernel, 2)}
-            result |= {"blas_gb_s": round(gb / blas, 1), "kernel_gb_s": round(gb / kernel, 1)}
-            flops = 2 * rows * n * k / 1e9
-            result |= {"blas_gflop_s": round(flops / blas, 1), "kernel_gflop_s": round(flops / kernel, 1)}
+            times = {"blas": blas / len(weights), "kernel": kernel / len(weights)}
+            if packs is not None:
+                packed = _time(lambda x=x, ps=packs, n=n: [ops.linear_packed(x, p, n) for p in ps], args.repeats)
+                times["packed"] = packed / len(weights)
+            gb, flops = n * k * 4 / 1e9, 2 * rows * n * k / 1e9
+            result = {"shape": name, "n": n, "k": k, "rows": rows}
+            for what, t in times.items():
+                result |= {f"{what}_us": round(t * 1e6, 1), f"{what}_gb_s": round(gb / t, 1)}
+                result[f"{what}_gflop_s"] = round(flops / t, 1)
+            result["speedup"] = round(times["blas"] / min(times["kernel"], times.get("packed", times["kernel"])), 2)
             print(json.dumps(result), flush=True)
 
 

@@ -40,6 +40,8 @@ class _TimedOps:
             key = name
             if name == "linear_small_m":
                 key = f"linear {args[1].shape[0]}x{args[1].shape[1]}"
+            elif name == "linear_packed":  # (x, packed [N / 16, K, 16], N): the engine's own weights
+                key = f"linear {args[2]}x{args[1].shape[1]}"
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = resolve_model(args.model)
     items = make_workload(_load_tokenizer(model_dir), args.num_prompts, 0, prompt_len=tuple(args.prompt_len))
     timed = _TimedOps(ops)
-    # The engine's kernel backend and dense_linear look the module up here: give them the timed one.
+    # The engine's kernel backend and the linear layers look the module up here: give them the timed one.
     cpu_ops._loaded["ops"] = timed
     try:
         llm = LLM(model_dir, dtype="float32", **json.loads(args.engine_kwargs))
