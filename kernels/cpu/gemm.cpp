@@ -135,9 +135,10 @@ inline void pack_tile_rows(const float* x, int64_t k, int64_t valid, int64_t k0,
 // c[MR][16] (row stride ldc) = (accumulate ? c : 0) + a[kc][6] (first MR of each 6) @ bp[kc][16].
 // The unroll pragmas make GCC unroll before scalar replacement, so the accumulators live in
 // registers (without them it stored all twelve to the stack every step: half the speed).
+// With `prefetch` set, each step also requests one 64-byte row of the next panel slice there.
 template <int MR>
 inline void panel_tile(const float* __restrict a, const float* __restrict bp, int64_t kc, float* __restrict c,
-                       int64_t ldc, bool accumulate) {
+                       int64_t ldc, bool accumulate, const float* prefetch) {
   __m256 lo[MR], hi[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
@@ -146,6 +147,7 @@ inline void panel_tile(const float* __restrict a, const float* __restrict bp, in
   }
 #pragma GCC unroll 2
   for (int64_t i = 0; i < kc; ++i) {
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(prefetch + i * kPanel), _MM_HINT_T0);
     const __m256 b0 = _mm256_load_ps(bp + i * kPanel), b1 = _mm256_load_ps(bp + i * kPanel + 8);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
@@ -163,26 +165,26 @@ inline void panel_tile(const float* __restrict a, const float* __restrict bp, in
 
 template <int MR>
 inline void panel_tile_into(const float* a, const float* bp, int64_t kc, float* y, int64_t ldy, int64_t valid,
-                            bool accumulate) {
-  if (valid == kPanel) return panel_tile<MR>(a, bp, kc, y, ldy, accumulate);
+                            bool accumulate, const float* prefetch) {
+  if (valid == kPanel) return panel_tile<MR>(a, bp, kc, y, ldy, accumulate, prefetch);
   // The last panel of a layer whose width is not a multiple of 16: through a scratch tile.
   alignas(32) float tmp[MR * kPanel];
   for (int m = 0; m < MR; ++m)
     for (int64_t r = 0; r < kPanel; ++r) tmp[m * kPanel + r] = accumulate && r < valid ? y[m * ldy + r] : 0.f;
-  panel_tile<MR>(a, bp, kc, tmp, kPanel, accumulate);
+  panel_tile<MR>(a, bp, kc, tmp, kPanel, accumulate, prefetch);
   for (int m = 0; m < MR; ++m)
     for (int64_t r = 0; r < valid; ++r) y[m * ldy + r] = tmp[m * kPanel + r];
 }
 
 inline void any_tile_into(int64_t mr, const float* a, const float* bp, int64_t kc, float* y, int64_t ldy,
-                          int64_t valid, bool accumulate) {
+                          int64_t valid, bool accumulate, const float* prefetch) {
   switch (mr) {
-    case 1: return panel_tile_into<1>(a, bp, kc, y, ldy, valid, accumulate);
-    case 2: return panel_tile_into<2>(a, bp, kc, y, ldy, valid, accumulate);
-    case 3: return panel_tile_into<3>(a, bp, kc, y, ldy, valid, accumulate);
-    case 4: return panel_tile_into<4>(a, bp, kc, y, ldy, valid, accumulate);
-    case 5: return panel_tile_into<5>(a, bp, kc, y, ldy, valid, accumulate);
-    default: return panel_tile_into<6>(a, bp, kc, y, ldy, valid, accumulate);
+    case 1: return panel_tile_into<1>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
+    case 2: return panel_tile_into<2>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
+    case 3: return panel_tile_into<3>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
+    case 4: return panel_tile_into<4>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
+    case 5: return panel_tile_into<5>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
+    default: return panel_tile_into<6>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
   }
 }
 
@@ -213,6 +215,7 @@ inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t r
       }
   });
   const int64_t panels = (n + kPanel - 1) / kPanel;
+  const float* weights_end = wp + panels * kPanel * k;
   // Enough panels per task for ~2 MFLOP of work.
   const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(rows * k * kPanel, 1));
   kvloom::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
@@ -229,10 +232,14 @@ inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t r
             panel = wp + n0 * k + k0 * kPanel;
           else
             pack_panel(wp + n0 * k, k, valid, k0, kc, bp);
+          // Prepacked, the weights are one stream (slice after slice, panel after panel): the block's
+          // first tile requests the next kc rows of it while it runs. At 16 rows, where the tiles
+          // are too few to hide the stream's latency, this measured +2-30% in two A/B runs (64 rows: -4..+4%).
+          const float* next = prepacked && panel + 2 * kc * kPanel <= weights_end ? panel + kc * kPanel : nullptr;
           const float* slice = ap + k0 * tiles * kTileRows;
           for (int64_t t = t0; t < t1; ++t)
             any_tile_into(std::min(kTileRows, rows - t * kTileRows), slice + t * kTileRows * kc, panel, kc,
-                          yp + t * kTileRows * n + n0, n, valid, k0 > 0);
+                          yp + t * kTileRows * n + n0, n, valid, k0 > 0, t == t0 ? next : nullptr);
         }
       }
     }
