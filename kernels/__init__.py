@@ -7,6 +7,7 @@ kernels (SGMV shrink/expand) serve CUDA when Triton is installed.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -101,7 +102,8 @@ def packed_linear(
     if x.dtype != torch.float32:
         raise TypeError(f"packed linear weights are float32; the input is {x.dtype}")
     shape = x.shape
-    y = load_cpu_ops().linear_packed(x.reshape(-1, shape[-1]), packed, out_features, bias)
+    rows = math.prod(shape[:-1])  # not -1: a [rows, 0] input (K = 0) cannot infer it
+    y = load_cpu_ops().linear_packed(x.reshape(rows, shape[-1]), packed, out_features, bias)
     return y.reshape(*shape[:-1], out_features)
 
 

@@ -197,6 +197,10 @@ constexpr int64_t kBlockRows = 48 * kTileRows;  // 288 rows: an x slice of 295 K
 // wp: the weight [N, K] row-major, or with `prepacked` its panels [N / 16][K][16] (pack_linear_weight).
 inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t rows, int64_t k, int64_t n,
                           bool prepacked) {
+  if (k == 0) {  // an empty sum (and no K slices to cut)
+    std::fill(yp, yp + rows * n, 0.f);
+    return;
+  }
   const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
   // K in slices of equal depth (a multiple of 8, at most kDepth): K = 576 runs as 3 x 192 rather
   // than 256 + 256 + 64, whose short last slice paid a tile's accumulator load and store for a

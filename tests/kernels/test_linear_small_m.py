@@ -14,9 +14,9 @@ pytestmark = pytest.mark.skipif(ops is None, reason="C++ CPU kernels unavailable
 
 # 1-4 rows take the weight-stream path, more the packed 6 x 16 tiles (every remainder of 6; more
 # than two 288-row blocks of x; widths that are not a multiple of 16; K past one 256-wide slice, in
-# equal slices with a shorter last one, and not a multiple of 8).
+# equal slices with a shorter last one, and not a multiple of 8; K = 0, an empty sum).
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 16, 40, 257, 600])
-@pytest.mark.parametrize(("k", "n"), [(8, 4), (37, 5), (576, 960), (1000, 4097), (3, 1), (300, 33)])
+@pytest.mark.parametrize(("k", "n"), [(8, 4), (37, 5), (576, 960), (1000, 4097), (3, 1), (300, 33), (0, 5)])
 def test_matches_f_linear(rows, k, n):
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
     x = torch.randn(rows, k, generator=g)
@@ -48,7 +48,7 @@ def test_dense_linear_dispatch():
 # and no row limit (the row-major weight is gone, so no BLAS fallback).
 @pytest.mark.skipif(ops is None or not ops.packed_linear_available(), reason="needs the AVX2 build")
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 11, 600, 2049])
-@pytest.mark.parametrize(("k", "n"), [(8, 4), (37, 5), (576, 960), (1000, 4097), (3, 1), (300, 33)])
+@pytest.mark.parametrize(("k", "n"), [(8, 4), (37, 5), (576, 960), (1000, 4097), (3, 1), (300, 33), (0, 5)])
 def test_packed_weights_match_f_linear(rows, k, n):
     g = torch.Generator().manual_seed(rows * 1000 + k + n)
     x = torch.randn(rows, k, generator=g)
