@@ -50,7 +50,8 @@ class KernelBackend:
 
 TORCH = KernelBackend("torch", torch_ref.write_kv, torch_ref.paged_attention)
 
-# Up to this many rows a float32 linear layer on CPU runs the C++ kernel (kernels/cpu/gemm.cpp:
+# For weights not packed at load (the engine packs its own: see pack_linear_weight), up to this
+# many rows a float32 linear layer on CPU runs the C++ kernel (kernels/cpu/gemm.cpp:
 # a weight stream for decode batches of 1-4, packed 6 x 16 register tiles above, prefill chunks
 # included); longer chunks than the default budget of 2048 tokens, which were never timed, keep
 # MKL's sgemm. `kvloom bench linear --rows ...` times both side by side.

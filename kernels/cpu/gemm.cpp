@@ -17,7 +17,7 @@
 // once, at load, as panels [N / 16][K][16] (the layout the register tile reads), and
 // `linear_packed` multiplies by it at any row count, with a few-rows path that streams each panel
 // once for all rows of x. Measured (2-core Zen 3, SmolLM2-135M shapes): 16 rows 67-88 -> 93-104
-// GFLOP/s, 64 rows 111-129 -> 128-141, one row 10-13 -> 12-15.
+// GFLOP/s, 64 rows 111-129 -> 128-141, one row 9-12 -> 11-16 except down (K = 1536: 16.1 -> 13.5).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -191,7 +191,8 @@ inline void any_tile_into(int64_t mr, const float* a, const float* bp, int64_t k
 // y = x @ w^T through packed panels. x is first packed per K slice and 6-row tile (ap holds slice
 // after slice; slice k0 of tile t starts at ap + k0 * tiles * 6 + t * 6 * kc). Threads split the
 // weight panels; each walks x in blocks of kBlockRows rows that stay in L2, and for every block
-// packs each of its panels' K slices into L1 and runs the block's tiles over it.
+// packs each of its panels' K slices into L1 (or, prepacked, reads them in place) and runs the
+// block's tiles over it.
 constexpr int64_t kBlockRows = 48 * kTileRows;  // 288 rows: an x slice of 295 KB stays in L2
 
 // wp: the weight [N, K] row-major, or with `prepacked` its panels [N / 16][K][16] (pack_linear_weight).
