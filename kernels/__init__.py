@@ -79,19 +79,34 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 PANEL_ROWS = 16
 
 
-def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
+# Where each of a row's 16 weights sits in a bfloat16 panel (an involution: it also maps back):
+# kernels/cpu/gemm.cpp widens a row with two in-lane unpacks, which need this order.
+_BF16_PANEL_ORDER = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15])
+
+
+def pack_linear_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """A float32 CPU weight [N, K] laid out once as the C++ kernel's panels [ceil(N / 16), K, 16].
 
-    None where that kernel does not serve the weight (another dtype or device, a build without
-    AVX2/FMA, no compiler). `packed_linear` multiplies by the result at any row count, so a layer
-    that packs its weight can drop the row-major copy; `packed_rows` reads rows back (embeddings).
+    dtype torch.bfloat16 stores the panels rounded to bfloat16 (half the bytes; the kernel widens
+    them to float32 as it reads, so inputs, accumulation and outputs stay float32). None where that
+    kernel does not serve the weight (another dtype or device, a build without AVX2/FMA, no
+    compiler). `packed_linear` multiplies by the result at any row count, so a layer that packs its
+    weight can drop the row-major copy; `packed_rows` reads rows back (embeddings).
     """
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.shape[0] == 0:
         return None
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"linear weights pack as float32 or bfloat16, not {dtype}")
     ops = load_cpu_ops()
     if ops is None or not ops.packed_linear_available():
         return None
-    return ops.pack_linear_weight(weight.detach())
+    if dtype == torch.float32:
+        return ops.pack_linear_weight(weight.detach())
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // PANEL_ROWS) * PANEL_ROWS, k, dtype=torch.bfloat16)
+    padded[:n] = weight.detach()  # rounds to nearest even
+    panels = padded.view(padded.shape[0] // PANEL_ROWS, PANEL_ROWS, k)[:, _BF16_PANEL_ORDER]
+    return panels.transpose(1, 2).contiguous()
 
 
 def packed_linear(
@@ -101,7 +116,7 @@ def packed_linear(
     if torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError("packed linear weights have no backward pass (the engine runs under inference mode)")
     if x.dtype != torch.float32:
-        raise TypeError(f"packed linear weights are float32; the input is {x.dtype}")
+        raise TypeError(f"packed linear layers take float32 inputs; the input is {x.dtype}")
     shape = x.shape
     rows = math.prod(shape[:-1])  # not -1: a [rows, 0] input (K = 0) cannot infer it
     y = load_cpu_ops().linear_packed(x.reshape(rows, shape[-1]), packed, out_features, bias)
@@ -109,7 +124,9 @@ def packed_linear(
 
 
 def packed_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Rows `ids` of the weight that `packed` holds (F.embedding(ids, weight)): [*ids.shape, K]."""
+    """Rows `ids` of the weight that `packed` holds (F.embedding(ids, weight)), as float32: [*ids.shape, K]."""
+    if packed.dtype == torch.bfloat16:
+        return packed[ids // PANEL_ROWS, :, _BF16_PANEL_ORDER[ids % PANEL_ROWS]].float()
     return packed[ids // PANEL_ROWS, :, ids % PANEL_ROWS]
 
 
@@ -131,13 +148,13 @@ def _cpu_backend() -> KernelBackend | None:
         q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, sliding_window=None, logits_soft_cap=None
     ):
         args = (q, k_cache, v_cache, block_tables, seq_lens, block_size, scale)
-        if q.dtype != torch.float32:
+        if q.dtype != torch.float32 or k_cache.dtype not in (torch.float32, torch.bfloat16):
             return torch_ref.decode_attention_ref(*args, sliding_window, logits_soft_cap)
         # The C++ kernel takes 0 for "no window" and "no soft cap".
         return ops.paged_attention_decode(q.contiguous(), *args[1:], sliding_window or 0, logits_soft_cap or 0.0)
 
     def write_kv(key, value, k_cache, v_cache, slot_mapping):
-        if key.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        if key.dtype != torch.float32 or k_cache.dtype not in (torch.float32, torch.bfloat16):
             return torch_ref.write_kv(key, value, k_cache, v_cache, slot_mapping)
         ops.write_kv(key, value, k_cache, v_cache, slot_mapping)
 

@@ -20,11 +20,11 @@ from .metadata import AttentionMetadata, LoRAMetadata
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store each token's key/value ([T, kv_heads, head_size]) at its slot."""
+    """Store each token's key/value ([T, kv_heads, head_size]) at its slot (in the cache's dtype)."""
     block_size = k_cache.shape[-1]
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    k_cache[blocks, :, :, offsets] = key
-    v_cache[blocks, :, offsets, :] = value
+    k_cache[blocks, :, :, offsets] = key.to(k_cache.dtype)
+    v_cache[blocks, :, offsets, :] = value.to(v_cache.dtype)
 
 
 def gather_values(v_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -88,8 +88,9 @@ def paged_attention(
         else:
             table = meta.prefill_block_tables[i : i + 1, first // meta.block_size :]
             skip = first % meta.block_size
-            k = gather_keys(k_cache, table)[0, skip : skip + ctx_len - first]
-            v = gather_values(v_cache, table)[0, skip : skip + ctx_len - first]
+            # A cache in a narrower dtype than the queries (the CPU bfloat16 mode) is read widened.
+            k = gather_keys(k_cache, table)[0, skip : skip + ctx_len - first].to(q.dtype)
+            v = gather_values(v_cache, table)[0, skip : skip + ctx_len - first].to(q.dtype)
         out[q_start : q_start + q_len] = _causal_attention(
             q, k, v, offset, scale, sliding_window, logits_soft_cap, first
         )
@@ -148,8 +149,8 @@ def decode_attention_ref(
     With sliding_window W only the last W of those tokens; logits_soft_cap as in paged_attention.
     """
     b, heads, head_size = q.shape
-    k = gather_keys(k_cache, block_tables)
-    v = gather_values(v_cache, block_tables)
+    k = gather_keys(k_cache, block_tables).to(q.dtype)
+    v = gather_values(v_cache, block_tables).to(q.dtype)
     kv_heads = k.shape[2]
     # Group the query heads that share a KV head so one batched matmul serves the group.
     qg = q.view(b, kv_heads, heads // kv_heads, head_size)

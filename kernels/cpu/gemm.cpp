@@ -18,12 +18,15 @@
 // `linear_packed` multiplies by it at any row count, with a few-rows path that streams each panel
 // once for all rows of x. Measured (2-core Zen 3, SmolLM2-135M shapes): 16 rows 67-88 -> 93-104
 // GFLOP/s, 64 rows 111-129 -> 128-141, one row 9-12 -> 11-16 except down (K = 1536: 16.1 -> 13.5).
+// Panels may also hold bfloat16 weights (half the bytes to stream; the engine's CPU bfloat16 mode):
+// each row of 16 widens to float32 in registers, so x, the accumulation and y stay float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include "thread_pool.h"
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -93,6 +96,22 @@ constexpr int64_t kPanel = 16;     // weight rows per packed panel: two 8-wide r
 constexpr int64_t kTileRows = 6;   // x rows per register tile: 6 x 16 outputs in 12 accumulators
 constexpr int64_t kDepth = 256;    // longest K slice per panel: 16 x 256 floats = 16 KB, half of L1
 
+// One row of a panel (16 weights) as two 8-wide float registers: outputs 0-7 and 8-15.
+inline void load_panel_row(const float* b, __m256& lo, __m256& hi) {
+  lo = _mm256_load_ps(b);
+  hi = _mm256_load_ps(b + 8);
+}
+
+// bfloat16 panels (float32's upper 16 bits) store a row's 16 weights in the order
+// 0-3, 8-11, 4-7, 12-15 (kvloom.kernels.pack_linear_weight lays them out), so that interleaving each 128-bit lane's words with zeros
+// yields outputs 0-7 and then 8-15 as floats: one load and two unpacks per row, no cross-lane shuffle.
+inline void load_panel_row(const uint16_t* b, __m256& lo, __m256& hi) {
+  const __m256i raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+  const __m256i zero = _mm256_setzero_si256();
+  lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, raw));
+  hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, raw));
+}
+
 // Transposes rows [0, valid) of w (row stride k), columns [k0, k0 + kc), into bp[kc][16]; rows
 // past `valid` are zero.
 inline void pack_panel(const float* w, int64_t k, int64_t valid, int64_t k0, int64_t kc, float* bp) {
@@ -125,6 +144,20 @@ inline void pack_panel(const float* w, int64_t k, int64_t valid, int64_t k0, int
     for (int64_t r = 0; r < kPanel; ++r) bp[i * kPanel + r] = r < valid ? w[r * k + k0 + i] : 0.f;
 }
 
+// A bfloat16 panel slice [kc][16] as float32 rows in natural order (bp, 32-byte aligned).
+inline void widen_panel_slice(const uint16_t* panel, int64_t kc, float* bp) {
+  for (int64_t i = 0; i < kc; ++i) {
+    __m256 lo, hi;
+    load_panel_row(panel + i * kPanel, lo, hi);
+    _mm256_store_ps(bp + i * kPanel, lo);
+    _mm256_store_ps(bp + i * kPanel + 8, hi);
+  }
+}
+
+// From this many 6-row tiles per block on, a bfloat16 slice is widened once into L1 (two unpacks
+// and two stores a row) instead of in each tile's loop.
+constexpr int64_t kWidenTiles = 4;
+
 // Copies rows [0, valid) of x (row stride k), columns [k0, k0 + kc), into ap[kc][6] (rows past
 // `valid` zero), so the register tile broadcasts from one sequential stream.
 inline void pack_tile_rows(const float* x, int64_t k, int64_t valid, int64_t k0, int64_t kc, float* ap) {
@@ -136,9 +169,9 @@ inline void pack_tile_rows(const float* x, int64_t k, int64_t valid, int64_t k0,
 // The unroll pragmas make GCC unroll before scalar replacement, so the accumulators live in
 // registers (without them it stored all twelve to the stack every step: half the speed).
 // With `prefetch` set, each step also requests one 64-byte row of the next panel slice there.
-template <int MR>
-inline void panel_tile(const float* __restrict a, const float* __restrict bp, int64_t kc, float* __restrict c,
-                       int64_t ldc, bool accumulate, const float* prefetch) {
+template <int MR, typename W>
+inline void panel_tile(const float* __restrict a, const W* __restrict bp, int64_t kc, float* __restrict c,
+                       int64_t ldc, bool accumulate, const W* prefetch) {
   __m256 lo[MR], hi[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
@@ -148,7 +181,8 @@ inline void panel_tile(const float* __restrict a, const float* __restrict bp, in
 #pragma GCC unroll 2
   for (int64_t i = 0; i < kc; ++i) {
     if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(prefetch + i * kPanel), _MM_HINT_T0);
-    const __m256 b0 = _mm256_load_ps(bp + i * kPanel), b1 = _mm256_load_ps(bp + i * kPanel + 8);
+    __m256 b0, b1;
+    load_panel_row(bp + i * kPanel, b0, b1);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const __m256 av = _mm256_broadcast_ss(a + i * kTileRows + m);
@@ -163,9 +197,9 @@ inline void panel_tile(const float* __restrict a, const float* __restrict bp, in
   }
 }
 
-template <int MR>
-inline void panel_tile_into(const float* a, const float* bp, int64_t kc, float* y, int64_t ldy, int64_t valid,
-                            bool accumulate, const float* prefetch) {
+template <int MR, typename W>
+inline void panel_tile_into(const float* a, const W* bp, int64_t kc, float* y, int64_t ldy, int64_t valid,
+                            bool accumulate, const W* prefetch) {
   if (valid == kPanel) return panel_tile<MR>(a, bp, kc, y, ldy, accumulate, prefetch);
   // The last panel of a layer whose width is not a multiple of 16: through a scratch tile.
   alignas(32) float tmp[MR * kPanel];
@@ -176,15 +210,16 @@ inline void panel_tile_into(const float* a, const float* bp, int64_t kc, float* 
     for (int64_t r = 0; r < valid; ++r) y[m * ldy + r] = tmp[m * kPanel + r];
 }
 
-inline void any_tile_into(int64_t mr, const float* a, const float* bp, int64_t kc, float* y, int64_t ldy,
-                          int64_t valid, bool accumulate, const float* prefetch) {
+template <typename W>
+inline void any_tile_into(int64_t mr, const float* a, const W* bp, int64_t kc, float* y, int64_t ldy,
+                          int64_t valid, bool accumulate, const W* prefetch) {
   switch (mr) {
-    case 1: return panel_tile_into<1>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
-    case 2: return panel_tile_into<2>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
-    case 3: return panel_tile_into<3>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
-    case 4: return panel_tile_into<4>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
-    case 5: return panel_tile_into<5>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
-    default: return panel_tile_into<6>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
+    case 1: return panel_tile_into<1, W>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
+    case 2: return panel_tile_into<2, W>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
+    case 3: return panel_tile_into<3, W>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
+    case 4: return panel_tile_into<4, W>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
+    case 5: return panel_tile_into<5, W>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
+    default: return panel_tile_into<6, W>(a, bp, kc, y, ldy, valid, accumulate, prefetch);
   }
 }
 
@@ -195,8 +230,10 @@ inline void any_tile_into(int64_t mr, const float* a, const float* bp, int64_t k
 // block's tiles over it.
 constexpr int64_t kBlockRows = 48 * kTileRows;  // 288 rows: an x slice of 295 KB stays in L2
 
-// wp: the weight [N, K] row-major, or with `prepacked` its panels [N / 16][K][16] (pack_linear_weight).
-inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t rows, int64_t k, int64_t n,
+// wp: the weight [N, K] row-major, or with `prepacked` its panels [N / 16][K][16] (pack_linear_weight;
+// bfloat16 panels, W = uint16_t, are always prepacked).
+template <typename W>
+inline void packed_linear(const float* xp, const W* wp, float* yp, int64_t rows, int64_t k, int64_t n,
                           bool prepacked) {
   if (k == 0) {  // an empty sum (and no K slices to cut)
     std::fill(yp, yp + rows * n, 0.f);
@@ -220,11 +257,11 @@ inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t r
       }
   });
   const int64_t panels = (n + kPanel - 1) / kPanel;
-  const float* weights_end = wp + panels * kPanel * k;
+  const W* weights_end = wp + panels * kPanel * k;
   // Enough panels per task for ~2 MFLOP of work.
   const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(rows * k * kPanel, 1));
   kvloom::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) static thread_local float bp[kDepth * kPanel];  // unused when prepacked
+    alignas(64) static thread_local float bp[kDepth * kPanel];  // a transposed or widened panel slice
     for (int64_t m0 = 0; m0 < rows; m0 += kBlockRows) {
       const int64_t t0 = m0 / kTileRows, t1 = std::min(tiles, (m0 + kBlockRows) / kTileRows);
       for (int64_t p = begin; p < end; ++p) {
@@ -232,15 +269,25 @@ inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t r
         for (int64_t k0 = 0; k0 < k; k0 += depth) {
           const int64_t kc = std::min(depth, k - k0);
           // Panel p starts at p * 16 * K in either layout; its K slice k0 at + k0 * 16 when prepacked.
-          const float* panel = bp;
-          if (prepacked)
-            panel = wp + n0 * k + k0 * kPanel;
-          else
-            pack_panel(wp + n0 * k, k, valid, k0, kc, bp);
+          const W* panel = wp + n0 * k + k0 * kPanel;
+          if constexpr (std::is_same_v<W, float>) {
+            if (!prepacked) {
+              pack_panel(wp + n0 * k, k, valid, k0, kc, bp);
+              panel = bp;
+            }
+          } else if (t1 - t0 >= kWidenTiles) {
+            // Many tiles share this slice: widen it to float32 in L1 once rather than in every tile.
+            widen_panel_slice(panel, kc, bp);
+            const float* slice = ap + k0 * tiles * kTileRows;
+            for (int64_t t = t0; t < t1; ++t)
+              any_tile_into<float>(std::min(kTileRows, rows - t * kTileRows), slice + t * kTileRows * kc, bp, kc,
+                                   yp + t * kTileRows * n + n0, n, valid, k0 > 0, nullptr);
+            continue;
+          }
           // Prepacked, the weights are one stream (slice after slice, panel after panel): the block's
           // first tile requests the next kc rows of it while it runs. At 16 rows, where the tiles
           // are too few to hide the stream's latency, this measured +2-30% in two A/B runs (64 rows: -4..+4%).
-          const float* next = prepacked && panel + 2 * kc * kPanel <= weights_end ? panel + kc * kPanel : nullptr;
+          const W* next = prepacked && panel + 2 * kc * kPanel <= weights_end ? panel + kc * kPanel : nullptr;
           const float* slice = ap + k0 * tiles * kTileRows;
           for (int64_t t = t0; t < t1; ++t)
             any_tile_into(std::min(kTileRows, rows - t * kTileRows), slice + t * kTileRows * kc, panel, kc,
@@ -253,17 +300,17 @@ inline void packed_linear(const float* xp, const float* wp, float* yp, int64_t r
 
 // y[m, 0..valid) = x[m] @ panel for MR <= kDotRows rows of x against one panel [K][16]: the panel
 // streams once for all rows; two K steps per iteration keep four accumulators a row in flight.
-template <int MR>
-inline void few_rows_panel(const float* __restrict x, const float* __restrict bp, int64_t k, float* __restrict y,
+template <int MR, typename W>
+inline void few_rows_panel(const float* __restrict x, const W* __restrict bp, int64_t k, float* __restrict y,
                            int64_t ldy, int64_t valid) {
   __m256 lo[MR], hi[MR], lo2[MR], hi2[MR];
 #pragma GCC unroll 4
   for (int m = 0; m < MR; ++m) lo[m] = hi[m] = lo2[m] = hi2[m] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 2 <= k; i += 2) {
-    const float* b = bp + i * kPanel;
-    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-    const __m256 b2 = _mm256_load_ps(b + 16), b3 = _mm256_load_ps(b + 24);
+    __m256 b0, b1, b2, b3;
+    load_panel_row(bp + i * kPanel, b0, b1);
+    load_panel_row(bp + (i + 1) * kPanel, b2, b3);
 #pragma GCC unroll 4
     for (int m = 0; m < MR; ++m) {
       const __m256 a0 = _mm256_broadcast_ss(x + m * k + i), a1 = _mm256_broadcast_ss(x + m * k + i + 1);
@@ -274,7 +321,8 @@ inline void few_rows_panel(const float* __restrict x, const float* __restrict bp
     }
   }
   if (i < k) {
-    const __m256 b0 = _mm256_load_ps(bp + i * kPanel), b1 = _mm256_load_ps(bp + i * kPanel + 8);
+    __m256 b0, b1;
+    load_panel_row(bp + i * kPanel, b0, b1);
 #pragma GCC unroll 4
     for (int m = 0; m < MR; ++m) {
       const __m256 a0 = _mm256_broadcast_ss(x + m * k + i);
@@ -291,20 +339,21 @@ inline void few_rows_panel(const float* __restrict x, const float* __restrict bp
   }
 }
 
-inline void few_rows_packed(const float* xp, const float* wp, float* yp, int64_t rows, int64_t k, int64_t n) {
+template <typename W>
+inline void few_rows_packed(const float* xp, const W* wp, float* yp, int64_t rows, int64_t k, int64_t n) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
   // Enough panels per task that a task streams at least ~64 KB of weights.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k * kPanel, 1));
   kvloom::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t valid = std::min(kPanel, n - p * kPanel);
-      const float* bp = wp + p * kPanel * k;
+      const W* bp = wp + p * kPanel * k;
       float* y = yp + p * kPanel;
       switch (rows) {
-        case 1: few_rows_panel<1>(xp, bp, k, y, n, valid); break;
-        case 2: few_rows_panel<2>(xp, bp, k, y, n, valid); break;
-        case 3: few_rows_panel<3>(xp, bp, k, y, n, valid); break;
-        default: few_rows_panel<4>(xp, bp, k, y, n, valid); break;
+        case 1: few_rows_panel<1, W>(xp, bp, k, y, n, valid); break;
+        case 2: few_rows_panel<2, W>(xp, bp, k, y, n, valid); break;
+        case 3: few_rows_panel<3, W>(xp, bp, k, y, n, valid); break;
+        default: few_rows_panel<4, W>(xp, bp, k, y, n, valid); break;
       }
     }
   });
@@ -325,7 +374,7 @@ torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<tor
   float* yp = y.data_ptr<float>();
 #ifdef KVLOOM_AVX2
   if (rows > kDotRows) {
-    packed_linear(xp, wp, yp, rows, k, n, false);
+    packed_linear<float>(xp, wp, yp, rows, k, n, false);
     if (bias.has_value()) y.add_(*bias);
     return y;
   }
@@ -370,7 +419,9 @@ torch::Tensor pack_linear_weight(torch::Tensor w) {
 
 torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, int64_t n, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(packed_linear_available(), "packed linear weights need AVX2 and FMA");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat, "float32 only");
+  const bool bf16 = packed.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (packed.scalar_type() == at::kFloat || bf16),
+              "x float32, packed float32 or bfloat16 only");
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 16 && packed.size(1) == x.size(1),
               "x [M, K], packed [N / 16, K, 16]");
   TORCH_CHECK(packed.is_contiguous(), "packed must be contiguous");
@@ -379,10 +430,16 @@ torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, int64_t n, c1
   const int64_t rows = x.size(0), k = x.size(1);
   auto y = torch::empty({rows, n}, x.options());
 #ifdef KVLOOM_AVX2
-  if (rows > kDotRows)
-    packed_linear(x.data_ptr<float>(), packed.data_ptr<float>(), y.data_ptr<float>(), rows, k, n, true);
-  else if (rows > 0)
-    few_rows_packed(x.data_ptr<float>(), packed.data_ptr<float>(), y.data_ptr<float>(), rows, k, n);
+  auto run = [&](auto* wp) {
+    if (rows > kDotRows)
+      packed_linear(x.data_ptr<float>(), wp, y.data_ptr<float>(), rows, k, n, true);
+    else if (rows > 0)
+      few_rows_packed(x.data_ptr<float>(), wp, y.data_ptr<float>(), rows, k, n);
+  };
+  if (bf16)
+    run(reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()));
+  else
+    run(static_cast<const float*>(packed.data_ptr<float>()));
 #endif
   if (bias.has_value()) y.add_(*bias);
   return y;

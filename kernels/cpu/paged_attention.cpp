@@ -1,6 +1,7 @@
 // Paged attention for one query token per row, reading keys and values straight from the block
 // pool (no gather copy). Each row attends to the first seq_lens[row] tokens of its block table, or
 // with a sliding window W > 0 to the last W of them; a soft cap c > 0 maps scores s to c*tanh(s/c).
+// The cache holds float32 or bfloat16 (the CPU bfloat16 mode); queries, scores and outputs are float32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -8,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fast_exp.h"
@@ -20,15 +22,30 @@ namespace {
 
 // Blocks sit at random places in the cache, so the hardware prefetcher cannot run ahead across
 // them; request the next block's bytes while the current one is being used.
-inline void prefetch_bytes(const float* p, int64_t num_floats) {
+template <typename T>
+inline void prefetch_bytes(const T* p, int64_t count) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < num_floats * 4; off += 64) __builtin_prefetch(c + off, 0, 1);
+  for (int64_t off = 0; off < count * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, 1);
 }
 
-inline void axpy(float alpha, const float* __restrict x, float* __restrict y, int64_t n) {
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+template <typename T>
+inline void axpy(float alpha, const T* __restrict x, float* __restrict y, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * to_float(x[i]);
 }
+
+
+#if defined(__AVX2__)
+// Eight cache numbers as float32 (bfloat16 is float32's upper half).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+#endif
 
 #if defined(__AVX512F__)
 // Scores of 16 tokens (one block, keys stored [head_size][16]) for G query heads: every FMA is
@@ -67,8 +84,11 @@ inline void weighted_values_avx512(const float* p, const float* vc, const int64_
   for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
 }
 
-inline bool block_scores_fast(int64_t group, const float* q, const float* kblock, int64_t d, int64_t n,
+template <typename T>
+inline bool block_scores_fast(int64_t group, const float* q, const T* kblock_any, int64_t d, int64_t n,
                               float scale, float* s, int64_t s_stride) {
+  if constexpr (!std::is_same_v<T, float>) return false;  // AVX-512 paths read float32 caches only
+  const float* kblock = reinterpret_cast<const float*>(kblock_any);
   switch (group) {
     case 1: block_scores_avx512<1>(q, kblock, d, n, scale, s, s_stride); return true;
     case 2: block_scores_avx512<2>(q, kblock, d, n, scale, s, s_stride); return true;
@@ -82,8 +102,11 @@ inline bool block_scores_fast(int64_t group, const float* q, const float* kblock
   }
 }
 
-inline bool weighted_values_fast(const float* p, const float* vc, const int64_t* table, int64_t start, int64_t ctx,
+template <typename T>
+inline bool weighted_values_fast(const float* p, const T* vc_any, const int64_t* table, int64_t start, int64_t ctx,
                                  int64_t block_size, int64_t block_stride, int64_t d, float inv_sum, float* out) {
+  if constexpr (!std::is_same_v<T, float>) return false;
+  const float* vc = reinterpret_cast<const float*>(vc_any);
   if (d == 64) weighted_values_avx512<4>(p, vc, table, start, ctx, block_size, block_stride, inv_sum, out);
   else if (d == 128) weighted_values_avx512<8>(p, vc, table, start, ctx, block_size, block_stride, inv_sum, out);
   else return false;
@@ -95,13 +118,13 @@ inline bool weighted_values_fast(const float* p, const float* vc, const int64_t*
 
 // Scores of 16 tokens for G query heads: a key dimension of the block is two 8-wide loads. The
 // score buffer is padded to whole blocks, so full stores are safe (positions past ctx are never read).
-template <int G>
-inline void block_scores_avx2(const float* q, const float* kblock, int64_t d, float scale, float* s,
+template <int G, typename T>
+inline void block_scores_avx2(const float* q, const T* kblock, int64_t d, float scale, float* s,
                               int64_t s_stride) {
   __m256 lo[G], hi[G];
   for (int g = 0; g < G; ++g) lo[g] = hi[g] = _mm256_setzero_ps();
   for (int64_t i = 0; i < d; ++i) {
-    const __m256 k0 = _mm256_loadu_ps(kblock + i * 16), k1 = _mm256_loadu_ps(kblock + i * 16 + 8);
+    const __m256 k0 = load8(kblock + i * 16), k1 = load8(kblock + i * 16 + 8);
     for (int g = 0; g < G; ++g) {
       const __m256 qv = _mm256_broadcast_ss(q + g * d + i);
       lo[g] = _mm256_fmadd_ps(qv, k0, lo[g]);
@@ -115,15 +138,16 @@ inline void block_scores_avx2(const float* q, const float* kblock, int64_t d, fl
   }
 }
 
-inline bool block_scores_fast(int64_t group, const float* q, const float* kblock, int64_t d, int64_t,
+template <typename T>
+inline bool block_scores_fast(int64_t group, const float* q, const T* kblock, int64_t d, int64_t,
                               float scale, float* s, int64_t s_stride) {
   switch (group) {
-    case 1: block_scores_avx2<1>(q, kblock, d, scale, s, s_stride); return true;
-    case 2: block_scores_avx2<2>(q, kblock, d, scale, s, s_stride); return true;
-    case 3: block_scores_avx2<3>(q, kblock, d, scale, s, s_stride); return true;
-    case 4: block_scores_avx2<4>(q, kblock, d, scale, s, s_stride); return true;
-    case 5: block_scores_avx2<5>(q, kblock, d, scale, s, s_stride); return true;
-    case 6: block_scores_avx2<6>(q, kblock, d, scale, s, s_stride); return true;
+    case 1: block_scores_avx2<1, T>(q, kblock, d, scale, s, s_stride); return true;
+    case 2: block_scores_avx2<2, T>(q, kblock, d, scale, s, s_stride); return true;
+    case 3: block_scores_avx2<3, T>(q, kblock, d, scale, s, s_stride); return true;
+    case 4: block_scores_avx2<4, T>(q, kblock, d, scale, s, s_stride); return true;
+    case 5: block_scores_avx2<5, T>(q, kblock, d, scale, s, s_stride); return true;
+    case 6: block_scores_avx2<6, T>(q, kblock, d, scale, s, s_stride); return true;
     default: return false;
   }
 }
@@ -131,8 +155,8 @@ inline bool block_scores_fast(int64_t group, const float* q, const float* kblock
 // The weighted sums of G heads of a GQA group (G <= 3) in one pass over the values, 32 value
 // dimensions at a time in G x 4 accumulators: each value row is loaded once per 32 dimensions instead
 // of once per head. p holds head g's probabilities at p + g * p_stride; out rows are out_stride apart.
-template <int G>
-inline void group_values_avx2(const float* p, int64_t p_stride, const float* vc, const int64_t* table, int64_t start,
+template <int G, typename T>
+inline void group_values_avx2(const float* p, int64_t p_stride, const T* vc, const int64_t* table, int64_t start,
                               int64_t ctx, int64_t block_size, int64_t block_stride, int64_t d, const float* inv_sum,
                               float* out, int64_t out_stride) {
   for (int64_t c0 = 0; c0 < d; c0 += 32) {
@@ -142,12 +166,12 @@ inline void group_values_avx2(const float* p, int64_t p_stride, const float* vc,
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) acc[g][c] = _mm256_setzero_ps();
     for (int64_t b = start / block_size, t = start; t < ctx; ++b) {
-      const float* vp = vc + table[b] * block_stride + (t - b * block_size) * d + c0;
+      const T* vp = vc + table[b] * block_stride + (t - b * block_size) * d + c0;
       const int64_t stop = std::min(ctx, (b + 1) * block_size);
       if (c0 == 0 && stop < ctx) prefetch_bytes(vc + table[b + 1] * block_stride, block_size * d);
       for (; t < stop; ++t, vp += d) {
-        const __m256 v0 = _mm256_loadu_ps(vp), v1 = _mm256_loadu_ps(vp + 8);
-        const __m256 v2 = _mm256_loadu_ps(vp + 16), v3 = _mm256_loadu_ps(vp + 24);
+        const __m256 v0 = load8(vp), v1 = load8(vp + 8);
+        const __m256 v2 = load8(vp + 16), v3 = load8(vp + 24);
 #pragma GCC unroll 4
         for (int g = 0; g < G; ++g) {
           const __m256 w = _mm256_broadcast_ss(p + g * p_stride + t);
@@ -169,7 +193,8 @@ inline void group_values_avx2(const float* p, int64_t p_stride, const float* vc,
 
 // All heads of a group, three at a time (3 x 4 accumulators fit the 16 registers).
 #define KVLOOM_GROUP_VALUES 1
-inline bool group_values_fast(int64_t group, const float* p, int64_t p_stride, const float* vc, const int64_t* table,
+template <typename T>
+inline bool group_values_fast(int64_t group, const float* p, int64_t p_stride, const T* vc, const int64_t* table,
                               int64_t start, int64_t ctx, int64_t block_size, int64_t block_stride, int64_t d,
                               const float* inv_sum, float* out, int64_t out_stride) {
   if (d % 32 != 0) return false;
@@ -178,15 +203,15 @@ inline bool group_values_fast(int64_t group, const float* p, int64_t p_stride, c
     float* og = out + g0 * out_stride;
     switch (std::min<int64_t>(3, group - g0)) {
       case 1:
-        group_values_avx2<1>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
+        group_values_avx2<1, T>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
                              out_stride);
         break;
       case 2:
-        group_values_avx2<2>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
+        group_values_avx2<2, T>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
                              out_stride);
         break;
       default:
-        group_values_avx2<3>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
+        group_values_avx2<3, T>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
                              out_stride);
     }
   }
@@ -196,31 +221,15 @@ inline bool group_values_fast(int64_t group, const float* p, int64_t p_stride, c
 
 }  // namespace
 
-// query [N, H, D]; k_cache [num_blocks, KVH, D, block_size] (keys of a block stored dimension-major so
-// one vector load covers a dimension of every token of the block); v_cache [num_blocks, KVH, block_size, D].
-torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
-                                     torch::Tensor block_tables, torch::Tensor seq_lens, int64_t block_size,
-                                     double scale, int64_t sliding_window, double soft_cap) {
-  TORCH_CHECK(query.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "float32 only");
-  TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
-  const int64_t n = query.size(0), heads = query.size(1), d = query.size(2);
-  const int64_t kv_heads = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(2) == d && k_cache.size(3) == block_size, "k_cache must be [blocks, kv_heads, d, bs]");
-  const int64_t group = heads / kv_heads;
-  auto tables = block_tables.contiguous();
-  auto lens = seq_lens.contiguous();
-  auto out = torch::empty_like(query);
-  const float* q = query.data_ptr<float>();
-  const float* kc = k_cache.data_ptr<float>();
-  const float* vc = v_cache.data_ptr<float>();
-  const int64_t* tb = tables.data_ptr<int64_t>();
-  const int64_t* sl = lens.data_ptr<int64_t>();
-  const int64_t max_blocks = tables.size(1);
-  float* o = out.data_ptr<float>();
-  const float fscale = static_cast<float>(scale);
-  const float cap = static_cast<float>(soft_cap);
-  const int64_t block_stride = kv_heads * d * block_size;
+namespace {
 
+// One query token per row over a float32 or bfloat16 (T) cache; see paged_attention_decode.
+template <typename T>
+void decode_rows(const float* q, const T* kc, const T* vc, const int64_t* tb, const int64_t* sl, float* o, int64_t n,
+                 int64_t heads, int64_t kv_heads, int64_t d, int64_t max_blocks, int64_t block_size, float fscale,
+                 int64_t sliding_window, float cap) {
+  const int64_t group = heads / kv_heads;
+  const int64_t block_stride = kv_heads * d * block_size;
   kvloom::parallel_for(0, n * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, inv;
     for (int64_t task = begin; task < end; ++task) {
@@ -235,7 +244,7 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
       float* s = scores.data();
       const float* qg = q + (row * heads + h * group) * d;
       for (int64_t b = start / block_size; b * block_size < ctx; ++b) {
-        const float* kblock = kc + table[b] * block_stride + h * d * block_size;
+        const T* kblock = kc + table[b] * block_stride + h * d * block_size;
         const int64_t valid = std::min(block_size, ctx - b * block_size);
         if ((b + 1) * block_size < ctx) {
           // Values are fetched during the score pass too, so the weighted sum finds them in cache.
@@ -251,7 +260,7 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
           for (int64_t g = 0; g < group; ++g)
             for (int64_t j = 0; j < valid; ++j) {
               float acc = 0.f;
-              for (int64_t i = 0; i < d; ++i) acc += qg[g * d + i] * kblock[i * block_size + j];
+              for (int64_t i = 0; i < d; ++i) acc += qg[g * d + i] * to_float(kblock[i * block_size + j]);
               s[g * padded + b * block_size + j] = acc * fscale;
             }
         }
@@ -284,7 +293,7 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
         inv[g] = 1.f / sum;
       }
       float* out_rows = o + (row * heads + h * group) * d;
-      const float* vh = vc + h * block_size * d;
+      const T* vh = vc + h * block_size * d;
 #if defined(KVLOOM_GROUP_VALUES)
       if (group_values_fast(group, s, padded, vh, table, start, ctx, block_size, block_stride, d, inv.data(), out_rows,
                             d))
@@ -298,24 +307,54 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
 #endif
         for (int64_t i = 0; i < d; ++i) out_row[i] = 0.f;
         for (int64_t t = start; t < ctx; ++t) {
-          const float* vp = vh + table[t / block_size] * block_stride + (t % block_size) * d;
+          const T* vp = vh + table[t / block_size] * block_stride + (t % block_size) * d;
           axpy(sg[t] * inv[g], vp, out_row, d);
         }
       }
     }
   });
+}
+
+}  // namespace
+
+// query [N, H, D]; k_cache [num_blocks, KVH, D, block_size] (keys of a block stored dimension-major so
+// one vector load covers a dimension of every token of the block); v_cache [num_blocks, KVH, block_size, D].
+torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor block_tables, torch::Tensor seq_lens, int64_t block_size,
+                                     double scale, int64_t sliding_window, double soft_cap) {
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(query.scalar_type() == at::kFloat && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
+                  v_cache.scalar_type() == cache_type,
+              "float32 queries; float32 or bfloat16 caches");
+  TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
+  const int64_t n = query.size(0), heads = query.size(1), d = query.size(2);
+  const int64_t kv_heads = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == d && k_cache.size(3) == block_size, "k_cache must be [blocks, kv_heads, d, bs]");
+  auto tables = block_tables.contiguous();
+  auto lens = seq_lens.contiguous();
+  auto out = torch::empty_like(query);
+  if (cache_type == at::kFloat)
+    decode_rows(query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), n, heads, kv_heads, d,
+                tables.size(1), block_size, static_cast<float>(scale), sliding_window, static_cast<float>(soft_cap));
+  else
+    decode_rows(query.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(),
+                tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), n, heads, kv_heads, d,
+                tables.size(1), block_size, static_cast<float>(scale), sliding_window, static_cast<float>(soft_cap));
   return out;
 }
 
-// Stores each token's key and value ([T, kv_heads, head_size], any strides) at its slot of the paged
-// caches: k_cache [blocks, kv_heads, head_size, block_size], v_cache [blocks, kv_heads, block_size,
-// head_size]. (torch's advanced-indexing assignment into the transposed key layout took ~0.6 ms a
-// layer for a 2048-token prefill chunk.)
+// Stores each token's key and value ([T, kv_heads, head_size], float32, any strides) at its slot of
+// the paged caches (float32, or bfloat16 rounded to nearest even): k_cache [blocks, kv_heads,
+// head_size, block_size], v_cache [blocks, kv_heads, block_size, head_size]. (torch's
+// advanced-indexing assignment into the transposed key layout took ~0.6 ms a layer for a 2048-token
+// prefill chunk.)
 void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, torch::Tensor v_cache,
               torch::Tensor slot_mapping) {
+  const auto cache_type = k_cache.scalar_type();
   TORCH_CHECK(key.scalar_type() == at::kFloat && value.scalar_type() == at::kFloat &&
-                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-              "float32 only");
+                  (cache_type == at::kFloat || cache_type == at::kBFloat16) && v_cache.scalar_type() == cache_type,
+              "float32 keys and values; float32 or bfloat16 caches");
   TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(), "key and value [T, kv_heads, head_size]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
   const int64_t t = key.size(0), heads = key.size(1), d = key.size(2);
@@ -331,21 +370,26 @@ void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, tor
   const float* vp = value.data_ptr<float>();
   const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2);
   const int64_t vs0 = value.stride(0), vs1 = value.stride(1), vs2 = value.stride(2);
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  kvloom::parallel_for(0, t, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t tok = begin; tok < end; ++tok) {
-      const int64_t block = sp[tok] / bs, offset = sp[tok] % bs;
-      for (int64_t h = 0; h < heads; ++h) {
-        const float* kr = kp + tok * ks0 + h * ks1;
-        float* kd = kc + (block * heads + h) * d * bs + offset;
-        for (int64_t j = 0; j < d; ++j) kd[j * bs] = kr[j * ks2];
-        const float* vr = vp + tok * vs0 + h * vs1;
-        float* vd = vc + ((block * heads + h) * bs + offset) * d;
-        for (int64_t j = 0; j < d; ++j) vd[j] = vr[j * vs2];
+  auto store = [&](auto* kc, auto* vc) {
+    using T = std::remove_pointer_t<decltype(kc)>;
+    kvloom::parallel_for(0, t, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t tok = begin; tok < end; ++tok) {
+        const int64_t block = sp[tok] / bs, offset = sp[tok] % bs;
+        for (int64_t h = 0; h < heads; ++h) {
+          const float* kr = kp + tok * ks0 + h * ks1;
+          T* kd = kc + (block * heads + h) * d * bs + offset;
+          for (int64_t j = 0; j < d; ++j) kd[j * bs] = static_cast<T>(kr[j * ks2]);
+          const float* vr = vp + tok * vs0 + h * vs1;
+          T* vd = vc + ((block * heads + h) * bs + offset) * d;
+          for (int64_t j = 0; j < d; ++j) vd[j] = static_cast<T>(vr[j * vs2]);
+        }
       }
-    }
-  });
+    });
+  };
+  if (cache_type == at::kFloat)
+    store(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  else
+    store(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
 }
 
 torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps);
@@ -380,7 +424,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear_available", &packed_linear_available, "whether this build has the packed linear kernels");
   m.def("pack_linear_weight", &pack_linear_weight, "float32 w [N, K] as the kernel's panels [N / 16, K, 16]",
         py::call_guard<py::gil_scoped_release>());
-  m.def("linear_packed", &linear_packed, "float32 x @ w^T (+ bias) with w given as pack_linear_weight(w)",
+  m.def("linear_packed", &linear_packed, "float32 x @ w^T (+ bias) with w given as float32 or bfloat16 panels (kvloom.kernels.pack_linear_weight)",
         py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -55,12 +55,15 @@ def test_decode_reference_matches_dense(heads, kv_heads, head_size):
     "heads,kv_heads,head_size", [(4, 4, 32), (9, 3, 64), (8, 2, 128), (6, 3, 48), (12, 2, 64), (16, 2, 64)]
 )
 @pytest.mark.parametrize("block_size", [8, 16])
-def test_cpu_kernel_matches_torch_reference(heads, kv_heads, head_size, block_size):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_matches_torch_reference(heads, kv_heads, head_size, block_size, cache_dtype):
     ops = load_cpu_ops()
     if ops is None:
         pytest.skip("no C++ toolchain: the torch path is used")
     ctx = [1, 7, 16, 33, 200, 513]
     k_cache, v_cache, tables, _ = random_paged(ctx, kv_heads, head_size, block_size, seed=1)
+    # A bfloat16 cache (the CPU bfloat16 mode) is widened as it is read: same numbers as the reference's.
+    k_cache, v_cache = k_cache.to(cache_dtype), v_cache.to(cache_dtype)
     q = torch.randn(len(ctx), heads, head_size)
     lens = torch.tensor(ctx)
     ref = torch_ref.decode_attention_ref(q, k_cache, v_cache, tables, lens, block_size, 0.125)
@@ -93,6 +96,19 @@ def test_paged_attention_mixes_decodes_and_prefill_chunks(device_backend):
         tables[2:],
     )
     out = backend(q, key, value, k_cache, v_cache, meta, 0.2)
+    # With a bfloat16 cache (written by this backend's write_kv), the decodes and the continued chunk
+    # read rounded keys and values: same as the torch reference over the same cache, close to float32.
+    k16, v16 = torch.zeros_like(k_cache, dtype=torch.bfloat16), torch.zeros_like(v_cache, dtype=torch.bfloat16)
+    kernels = get_backend(torch.device("cpu")) if device_backend == "default" else torch_ref
+    for i in range(4):
+        table = tables[i, : -(-ctx[i] // bs)]
+        slots = torch.cat([torch.arange(b * bs, (b + 1) * bs) for b in table])[: ctx[i]]
+        kernels.write_kv(dense[i][0], dense[i][1], k16, v16, slots)
+    out16 = backend(q, key, value, k16, v16, meta, 0.2)
+    want16 = torch_ref.paged_attention(q, key, value, k16, v16, meta, 0.2)
+    torch.testing.assert_close(out16, want16, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out16, out, rtol=0, atol=0.05)
+    assert not torch.equal(out16[:2], out[:2])  # the decodes did read the rounded cache
     row = 0
     for i in range(4):
         for j in range(q_lens[i]):
@@ -116,7 +132,8 @@ def test_write_kv_places_tokens_at_their_slots():
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 300])
-def test_cpu_write_kv_matches_torch_reference(tokens):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_write_kv_matches_torch_reference(tokens, cache_dtype):
     ops = load_cpu_ops()
     if ops is None:
         pytest.skip("C++ CPU kernels unavailable")
@@ -128,8 +145,8 @@ def test_cpu_write_kv_matches_torch_reference(tokens):
     key = qkv[:, 3 * kv_heads * head_size : 4 * kv_heads * head_size].view(tokens, kv_heads, head_size)
     value = qkv[:, 4 * kv_heads * head_size :].view(tokens, kv_heads, head_size)
     want_k, want_v = (
-        torch.randn(blocks, kv_heads, head_size, block_size),
-        torch.randn(blocks, kv_heads, block_size, head_size),
+        torch.randn(blocks, kv_heads, head_size, block_size).to(cache_dtype),
+        torch.randn(blocks, kv_heads, block_size, head_size).to(cache_dtype),
     )
     got_k, got_v = want_k.clone(), want_v.clone()
     torch_ref.write_kv(key, value, want_k, want_v, slots)

@@ -63,6 +63,28 @@ def test_packed_weights_match_f_linear(rows, k, n):
     torch.testing.assert_close(packed_rows(packed, ids), torch.nn.functional.embedding(ids, w), rtol=0, atol=0)
 
 
+# bfloat16 panels (the CPU bfloat16 mode): the weight is rounded once, to nearest even, then every
+# product runs in float32, so the result is F.linear with the rounded weight up to float32 summation order.
+@pytest.mark.skipif(ops is None or not ops.packed_linear_available(), reason="needs the AVX2 build")
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 23, 24, 600])
+@pytest.mark.parametrize(("k", "n"), [(8, 4), (37, 5), (576, 960), (1000, 4097), (3, 1), (300, 33), (0, 5)])
+def test_bfloat16_panels_match_f_linear_of_the_rounded_weight(rows, k, n):
+    g = torch.Generator().manual_seed(rows * 1000 + k + n + 7)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
+    packed = pack_linear_weight(w, torch.bfloat16)
+    assert packed.dtype == torch.bfloat16 and packed.shape == (-(-n // 16), k, 16)
+    rounded = w.bfloat16().float()
+    want = torch.nn.functional.linear(x, rounded, b)
+    torch.testing.assert_close(packed_linear(x, packed, n, b), want, rtol=1e-5, atol=1e-4 * k**0.5)
+    ids = torch.randint(0, n, (3, 5), generator=g)
+    got = packed_rows(packed, ids)
+    assert got.dtype == torch.float32 and torch.equal(got, torch.nn.functional.embedding(ids, rounded))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        pack_linear_weight(w, torch.float16)
+
+
 @pytest.mark.skipif(ops is None or not ops.packed_linear_available(), reason="needs the AVX2 build")
 def test_packed_linear_refuses_what_it_cannot_do():
     w = torch.randn(40, 24)
