@@ -38,6 +38,7 @@ from kvloom.engine.request import RequestStatus
 from kvloom.engine.sampling_params import SamplingParams
 from kvloom.engine.structured_output.manager import StructuredOutputManager
 from kvloom.engine.worker import WorkerConfig
+from kvloom.kernels import compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class LLMEngine:
                 args.max_loras,
                 args.max_lora_rank,
                 max_cpu_loras,
-                self.dtype,
+                compute_dtype(self.dtype, self.device),  # adapters run in the activations' dtype
             )
         worker_cfg = WorkerConfig(
             self.arch,
@@ -349,6 +350,7 @@ class LLMEngine:
         return {
             "model": self.model_name,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "activation_dtype": str(compute_dtype(self.dtype, self.device)).removeprefix("torch."),
             "device": str(self.device),
             "executor": self.executor.describe(),
             "tensor_parallel_size": str(args.tensor_parallel_size),

@@ -20,7 +20,7 @@ from kvloom.engine.pooling.params import PoolingParams
 from kvloom.engine.pooling.pooler import pool
 from kvloom.engine.sampler import Sampler, SamplingState, logprobs_row
 from kvloom.engine.scheduler.output import Logprobs, ModelRunnerOutput, ScheduledSeq, SchedulerOutput
-from kvloom.kernels import AttentionMetadata, LoRAMetadata, get_backend
+from kvloom.kernels import AttentionMetadata, LoRAMetadata, compute_dtype, get_backend
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,17 @@ class ModelRunner:
         quantization: QuantConfig | None = None,
     ) -> None:
         self.arch = arch
-        self.dtype = dtype
+        # The model computes in self.dtype; its linear weights and KV cache are held in the engine's
+        # dtype: both bfloat16, except in the CPU bfloat16 mode (float32 activations, see compute_dtype).
+        self.dtype = compute_dtype(dtype, device)
+        self.weight_dtype = self.kv_dtype = dtype
         self.device = device
         self.block_size = block_size
         self.tp = tp
         # Parameters are created in the engine's dtype on the target device by a thread-local
         # override of the tensor factories: no process-wide setting (default dtype) changes.
-        self.kernels = get_backend(device, dtype)
-        with torch.device(device), _FactoryDtype(dtype):
+        self.kernels = get_backend(device, self.dtype)
+        with torch.device(device), _FactoryDtype(self.dtype):
             self.model = build_model(arch, self.kernels, tp)
             if quantization is not None:
                 if quantization.bits is not None and device.type != "cpu":
@@ -55,16 +58,28 @@ class ModelRunner:
                 prepare_quantization(self.model, quantization)
         if model_dir is not None:
             if quantization is None:
-                self.model.load_weights(iter_weights(model_dir, dtype))
+                self.model.load_weights(iter_weights(model_dir, self.dtype))
             else:  # int tensors and their float32 scales keep their own dtypes
-                self.model.load_weights(convert_weights(iter_weights(model_dir, None), quantization, dtype))
+                self.model.load_weights(convert_weights(iter_weights(model_dir, None), quantization, self.dtype))
         if quantization is not None:
             finish_quantization(self.model, quantization)
         # Float32 weights on CPU: laid out once in the C++ GEMM's panel layout (the row-major copies
-        # are dropped; the kernel would otherwise transpose every panel on every call).
-        packed, nbytes = pack_linear_weights(self.model)
+        # are dropped; the kernel would otherwise transpose every panel on every call), rounded to
+        # bfloat16 in the CPU bfloat16 mode.
+        packed_dtype = torch.bfloat16 if self.weight_dtype != self.dtype else torch.float32
+        packed, nbytes = pack_linear_weights(self.model, packed_dtype)
         if packed:
-            logger.info("linear weights: %d float32 layers packed in 16-row panels (%.1f MiB)", packed, nbytes / 2**20)
+            logger.info(
+                "linear weights: %d layers packed as %s in 16-row panels (%.1f MiB)",
+                packed,
+                str(packed_dtype).removeprefix("torch."),
+                nbytes / 2**20,
+            )
+        if self.weight_dtype != self.dtype:
+            logger.info(
+                "CPU bfloat16 mode: bfloat16 linear weights and KV cache, float32 activations, residual and "
+                "accumulation"
+            )
         self.model.eval()
         self.sampler = Sampler(arch.vocab_size, seed)
         self.states: dict[str, SamplingState] = {}
@@ -81,7 +96,7 @@ class ModelRunner:
         if self.arch.is_encoder:
             return 0  # bidirectional attention within the step: nothing is cached
         attn = self.model.layers[0].self_attn
-        per_token = 2 * attn.num_kv_heads * attn.head_size * self.dtype.itemsize
+        per_token = 2 * attn.num_kv_heads * attn.head_size * self.kv_dtype.itemsize
         return per_token * self.block_size * self.arch.num_layers
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -93,7 +108,7 @@ class ModelRunner:
         k_shape = (num_blocks, attn.num_kv_heads, attn.head_size, self.block_size)
         v_shape = (num_blocks, attn.num_kv_heads, self.block_size, attn.head_size)
         self.kv_caches = [
-            (_zeros(k_shape, self.dtype, self.device), _zeros(v_shape, self.dtype, self.device))
+            (_zeros(k_shape, self.kv_dtype, self.device), _zeros(v_shape, self.kv_dtype, self.device))
             for _ in range(self.arch.num_layers)
         ]
 

@@ -58,7 +58,7 @@ class Worker:
                 cfg.max_loras,
                 cfg.max_lora_rank,
                 cfg.max_cpu_loras,
-                cfg.dtype,
+                self.runner.dtype,
                 self.runner.kernels,
                 lora_lookup,
             )

@@ -23,6 +23,7 @@ __all__ = [
     "KernelBackend",
     "LoRAMetadata",
     "argmax_rows",
+    "compute_dtype",
     "dense_linear",
     "get_backend",
     "pack_linear_weight",
@@ -128,6 +129,20 @@ def packed_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if packed.dtype == torch.bfloat16:
         return packed[ids // PANEL_ROWS, :, _BF16_PANEL_ORDER[ids % PANEL_ROWS]].float()
     return packed[ids // PANEL_ROWS, :, ids % PANEL_ROWS]
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a model of this dtype computes in on device.
+
+    bfloat16 on a CPU whose C++ kernels hold bfloat16 weight panels runs the CPU bfloat16 mode:
+    linear weights and the KV cache in bfloat16 (half the bytes to stream), activations, residual
+    and accumulation in float32: float32 here. Elsewhere dtype itself.
+    """
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        ops = load_cpu_ops()
+        if ops is not None and ops.packed_linear_available():
+            return torch.float32
+    return dtype
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,10 @@ class _Linear(nn.Module):
             return packed_linear(x, self.weight_packed, self.out_features, bias)
         return dense_linear(x, self.weight, bias)
 
-    def pack_weight(self) -> int:
-        """Replace the float32 CPU weight by the C++ kernel's packed layout (after loading); its bytes, 0 if kept."""
-        return 0 if self.quant is not None else pack_module_weight(self)
+    def pack_weight(self, dtype: torch.dtype = torch.float32) -> int:
+        """Replace the float32 CPU weight by the C++ kernel's packed layout in dtype (float32, or bfloat16 in
+        the CPU bfloat16 mode) after loading; its bytes, 0 if kept."""
+        return 0 if self.quant is not None else pack_module_weight(self, dtype)
 
     # ---- this rank's slices (checkpoint weights and LoRA weights alike) ----------------------
     def output_slices(self) -> list[tuple[object, int, int]]:
@@ -166,12 +167,13 @@ class RowParallelLinear(_Linear):
         self._copy(param.data, self.shard_cols(loaded), "row-parallel weight")
 
 
-def pack_module_weight(module: nn.Module) -> int:
+def pack_module_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Replace module.weight (float32 on CPU, row-major [N, K]) by module.weight_packed, the C++ kernel's
-    panels (kvloom.kernels.pack_linear_weight); its bytes, or 0 where the kernel does not serve the weight."""
+    panels in dtype (kvloom.kernels.pack_linear_weight); its bytes, or 0 where the kernel does not serve
+    the weight."""
     if module.weight_packed is not None:
         return 0
-    packed = pack_linear_weight(module.weight.data)
+    packed = pack_linear_weight(module.weight.data, dtype)
     if packed is None:
         return 0
     del module.weight
@@ -179,14 +181,14 @@ def pack_module_weight(module: nn.Module) -> int:
     return packed.numel() * packed.element_size()
 
 
-def pack_linear_weights(model: nn.Module) -> tuple[int, int]:
+def pack_linear_weights(model: nn.Module, dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """Pack every float32 CPU linear weight of a loaded model, and its logits head (see
-    VocabParallelEmbedding.pack_weight); (layers packed, their bytes)."""
+    VocabParallelEmbedding.pack_weight), as panels in dtype; (layers packed, their bytes)."""
     count = total = 0
     head = getattr(model, "logits_head", None)
     modules = [m for m in model.modules() if isinstance(m, _Linear)] + ([head()] if head is not None else [])
     for module in modules:
-        nbytes = module.pack_weight()
+        nbytes = module.pack_weight(dtype)
         count += nbytes > 0
         total += nbytes
     return count, total

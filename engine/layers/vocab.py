@@ -37,11 +37,11 @@ class VocabParallelEmbedding(nn.Module):
         param.data.zero_()
         param.data[: part.shape[0]].copy_(part)
 
-    def pack_weight(self) -> int:
-        """Keep this rank's rows only in the C++ kernel's packed layout (for a module that computes logits:
-        an untied LM head, or a tied embedding, whose lookups then read rows from the panels); its bytes,
-        0 if kept as it is."""
-        return pack_module_weight(self)
+    def pack_weight(self, dtype: torch.dtype = torch.float32) -> int:
+        """Keep this rank's rows only in the C++ kernel's packed layout, in dtype (for a module that computes
+        logits: an untied LM head, or a tied embedding, whose lookups then read float32 rows from the
+        panels); its bytes, 0 if kept as it is."""
+        return pack_module_weight(self, dtype)
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.weight_packed is not None:

@@ -47,7 +47,7 @@ def test_packed_model_matches_the_row_major_one(tmp_path, monkeypatch, arch, tie
     got_tokens, got_logprobs = _run(packed_llm, prompts)
     del packed_llm
 
-    monkeypatch.setattr(model_runner, "pack_linear_weights", lambda model: (0, 0))
+    monkeypatch.setattr(model_runner, "pack_linear_weights", lambda model, dtype: (0, 0))
     plain_llm = LLM(model_dir, num_gpu_blocks_override=64)
     assert all(m.weight_packed is None for m in _model(plain_llm).modules() if isinstance(m, _Linear))
     want_tokens, want_logprobs = _run(plain_llm, prompts)

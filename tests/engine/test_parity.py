@@ -96,9 +96,17 @@ def test_rope_scaling_matches_transformers(tmp_path, rope_scaling):
     check(llm, model_dir, prompts([5, 40, 130], seed=6))
 
 
-def test_bfloat16_runs_on_the_torch_kernels(tiny_llama):
+def test_bfloat16_without_the_cpu_kernels_runs_on_the_torch_kernels(tiny_llama, monkeypatch):
+    # With the C++ kernels, bfloat16 on CPU is the mixed mode (tests/engine/test_cpu_bfloat16.py);
+    # without them the whole model runs in bfloat16 on torch's ops.
+    import torch
+
+    import kvloom.kernels
+
+    monkeypatch.setattr(kvloom.kernels, "load_cpu_ops", lambda: None)
     llm = LLM(tiny_llama, dtype="bfloat16", num_gpu_blocks_override=32)
-    assert llm.llm_engine.executor.worker.runner.model.layers[0].self_attn.kernels.name == "torch"
+    runner = llm.llm_engine.executor.worker.runner
+    assert runner.model.layers[0].self_attn.kernels.name == "torch" and runner.dtype == torch.bfloat16
     out = llm.generate(prompts([20, 3]), GREEDY, use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in out)
     assert_all_blocks_free(llm.llm_engine)
