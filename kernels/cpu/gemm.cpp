@@ -102,9 +102,10 @@ inline void load_panel_row(const float* b, __m256& lo, __m256& hi) {
   hi = _mm256_load_ps(b + 8);
 }
 
-// bfloat16 panels (float32's upper 16 bits) store a row's 16 weights in the order
-// 0-3, 8-11, 4-7, 12-15 (kvloom.kernels.pack_linear_weight lays them out), so that interleaving each 128-bit lane's words with zeros
-// yields outputs 0-7 and then 8-15 as floats: one load and two unpacks per row, no cross-lane shuffle.
+// bfloat16 panels (float32's upper 16 bits) store a row's 16 weights in the order 0-3, 8-11, 4-7,
+// 12-15 (kvloom.kernels.pack_linear_weight lays them out so), so that interleaving each 128-bit
+// lane's words with zeros yields outputs 0-7 and then 8-15 as floats: one load and two unpacks per
+// row, no cross-lane shuffle.
 inline void load_panel_row(const uint16_t* b, __m256& lo, __m256& hi) {
   const __m256i raw = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
   const __m256i zero = _mm256_setzero_si256();
