@@ -424,7 +424,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear_available", &packed_linear_available, "whether this build has the packed linear kernels");
   m.def("pack_linear_weight", &pack_linear_weight, "float32 w [N, K] as the kernel's panels [N / 16, K, 16]",
         py::call_guard<py::gil_scoped_release>());
-  m.def("linear_packed", &linear_packed, "float32 x @ w^T (+ bias) with w given as float32 or bfloat16 panels (kvloom.kernels.pack_linear_weight)",
+  m.def("linear_packed", &linear_packed,
+        "float32 x @ w^T (+ bias) with w given as float32 or bfloat16 panels (kvloom.kernels.pack_linear_weight)",
         py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(),
         py::call_guard<py::gil_scoped_release>());
 }
