@@ -1,9 +1,11 @@
-"""Weight-only quantization on the default model: single-stream decode tok/s and memory, float32 vs int8 vs int4.
+"""Lower-precision weights on the default model: single-stream decode tok/s and memory, float32 vs bfloat16,
+int8 and int4.
 
 Each variant runs in its own process (so peak RSS is its own): float32 (the default conversion),
-quantization="int8" and "int4" (the float32 model quantized at load) and quantization="gguf" (the
-default model's Q4_1 GGUF kept quantized: int4, groups of 32). A variant's weight memory counts every
-parameter plus the packed int weights; decode tok/s is (max_tokens - 1) tokens over the time between
+bfloat16 (dtype="bfloat16": on CPU the bfloat16 mode, bfloat16 weight panels and KV cache with float32
+activations), quantization="int8" and "int4" (the float32 model quantized at load) and
+quantization="gguf" (the default model's Q4_1 GGUF kept quantized: int4, groups of 32). A variant's weight
+memory counts every parameter plus the packed int weights; decode tok/s is (max_tokens - 1) tokens over the time between
 the first token and the last of one greedy request; `same_tokens` counts how many leading tokens
 agree with float32's.
 """
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("float32", "int8", "int4", "gguf")
+VARIANTS = ("float32", "bfloat16", "int8", "int4", "gguf")
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
@@ -31,13 +33,16 @@ def _child(model: str | None, variant: str, max_tokens: int, repeats: int) -> di
 
     from kvloom import LLM, SamplingParams
 
-    quantization = None if variant == "float32" else variant
+    quantization = None if variant in ("float32", "bfloat16") else variant
+    dtype = "bfloat16" if variant == "bfloat16" else "auto"
     t0 = time.perf_counter()
-    llm = LLM(model, quantization=quantization, kv_cache_memory_gb=0.25, enable_prefix_caching=False)
+    llm = LLM(model, dtype=dtype, quantization=quantization, kv_cache_memory_gb=0.25, enable_prefix_caching=False)
     load_s = time.perf_counter() - t0
     rss_loaded = psutil.Process().memory_info().rss
     runner = llm.llm_engine.executor.worker.runner
     paths = sorted({m.quant.path for m in runner.model.modules() if getattr(m, "quant", None) is not None})
+    packed = sorted({str(p.dtype).removeprefix("torch.") for n, p in runner.model.named_parameters() if "packed" in n})
+    paths += [f"C++ GEMM on {d} panels" for d in packed]
     prompt = [{"role": "user", "content": PROMPT}]
     first = SamplingParams(temperature=0.0, max_tokens=1)
     full = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
