@@ -4,10 +4,10 @@ int8 and int4.
 Each variant runs in its own process (so peak RSS is its own): float32 (the default conversion),
 bfloat16 (dtype="bfloat16": on CPU the bfloat16 mode, bfloat16 weight panels and KV cache with float32
 activations), quantization="int8" and "int4" (the float32 model quantized at load) and
-quantization="gguf" (the default model's Q4_1 GGUF kept quantized: int4, groups of 32). A variant's weight
-memory counts every parameter plus the packed int weights; decode tok/s is (max_tokens - 1) tokens over the time between
-the first token and the last of one greedy request; `same_tokens` counts how many leading tokens
-agree with float32's.
+quantization="gguf" (the default model's Q4_1 GGUF kept quantized: int4, groups of 32). A variant's
+weight memory counts every parameter plus the packed int weights; decode tok/s is (max_tokens - 1)
+tokens over the time between the first token and the last of one greedy request; `same_tokens`
+counts how many leading tokens agree with float32's.
 """
 
 from __future__ import annotations
