@@ -98,6 +98,27 @@ def test_tp2_greedy_equals_tp1(model, request):
     assert not any(p.is_alive() for p in procs)
 
 
+def test_tp2_bfloat16_mode_equals_tp1(tied_odd_vocab_qwen2):
+    # The CPU bfloat16 mode on each rank (bfloat16 panels of its shard, bfloat16 KV cache of its heads):
+    # the same tokens as one process in the same mode. (Skipped without the AVX2 build, where bfloat16
+    # is the whole model in bfloat16 on torch's ops.)
+    from kvloom.kernels.cpu_ops import load_cpu_ops
+
+    ops = load_cpu_ops()
+    if ops is None or not ops.packed_linear_available():
+        pytest.skip("the CPU bfloat16 mode needs the AVX2 build")
+    one = LLM(tied_odd_vocab_qwen2, dtype="bfloat16", **ENGINE)
+    assert one.llm_engine.config_info()["activation_dtype"] == "float32"
+    expected = _tokens(one)
+    one.shutdown()
+    two = LLM(tied_odd_vocab_qwen2, dtype="bfloat16", tensor_parallel_size=2, **ENGINE)
+    try:
+        assert _tokens(two) == expected
+        assert_all_blocks_free(two.llm_engine)
+    finally:
+        two.shutdown()
+
+
 def test_tp2_lora_equals_peft(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("tp_adapters")
     all_dir = build_peft_adapter(tiny_llama, str(root / "all"), r=8, alpha=16, seed=1)
