@@ -1,7 +1,8 @@
 """Attention, cache, norm, LoRA and logit-mask kernels behind one door.
 
-Pure torch is the reference and the fallback; C++ kernels serve float32 on CPUs; Triton LoRA
-kernels (SGMV shrink/expand) serve CUDA when Triton is installed.
+Pure torch is the reference and the fallback; C++ kernels serve float32 activations on CPUs (over
+float32 weights and KV caches, or bfloat16 ones in the CPU bfloat16 mode: see compute_dtype); Triton
+LoRA kernels (SGMV shrink/expand) serve CUDA when Triton is installed.
 """
 
 from __future__ import annotations
