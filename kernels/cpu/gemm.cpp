@@ -169,7 +169,8 @@ inline void pack_tile_rows(const float* x, int64_t k, int64_t valid, int64_t k0,
 // c[MR][16] (row stride ldc) = (accumulate ? c : 0) + a[kc][6] (first MR of each 6) @ bp[kc][16].
 // The unroll pragmas make GCC unroll before scalar replacement, so the accumulators live in
 // registers (without them it stored all twelve to the stack every step: half the speed).
-// With `prefetch` set, each step also requests one 64-byte row of the next panel slice there.
+// With `prefetch` set, each step also requests the cache line of the next panel slice's row there
+// (a float32 row is one 64-byte line; two bfloat16 rows share one, requested twice).
 template <int MR, typename W>
 inline void panel_tile(const float* __restrict a, const W* __restrict bp, int64_t kc, float* __restrict c,
                        int64_t ldc, bool accumulate, const W* prefetch) {
@@ -344,7 +345,7 @@ template <typename W>
 inline void few_rows_packed(const float* xp, const W* wp, float* yp, int64_t rows, int64_t k, int64_t n) {
   const int64_t panels = (n + kPanel - 1) / kPanel;
   // Enough panels per task that a task streams at least ~64 KB of weights.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k * kPanel, 1));
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(k * kPanel * int64_t(sizeof(W)), 1));
   kvloom::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t valid = std::min(kPanel, n - p * kPanel);
@@ -426,6 +427,8 @@ torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, int64_t n, c1
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 16 && packed.size(1) == x.size(1),
               "x [M, K], packed [N / 16, K, 16]");
   TORCH_CHECK(packed.is_contiguous(), "packed must be contiguous");
+  // The kernels read panel rows with aligned loads (pack_linear_weight's tensors start on 64 bytes).
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(packed.data_ptr()) % 32 == 0, "packed must start on a 32-byte boundary");
   TORCH_CHECK(n > (packed.size(0) - 1) * 16 && n <= packed.size(0) * 16, "n does not match the packed panels");
   x = x.contiguous();
   const int64_t rows = x.size(0), k = x.size(1);

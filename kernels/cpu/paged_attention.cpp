@@ -113,8 +113,11 @@ inline bool weighted_values_fast(const float* p, const T* vc_any, const int64_t*
   return true;
 }
 
-#elif defined(KVLOOM_SIMD_ATTENTION)
-// AVX2 (no AVX-512, e.g. AMD Zen 2/3): the same two loops with 8-wide registers.
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+// AVX2 (e.g. AMD Zen 2/3): the same two loops with 8-wide registers. AVX-512 builds compile them too,
+// for bfloat16 caches (the AVX-512 loops above read float32 only).
 
 // Scores of 16 tokens for G query heads: a key dimension of the block is two 8-wide loads. The
 // score buffer is padded to whole blocks, so full stores are safe (positions past ctx are never read).
@@ -139,8 +142,8 @@ inline void block_scores_avx2(const float* q, const T* kblock, int64_t d, float 
 }
 
 template <typename T>
-inline bool block_scores_fast(int64_t group, const float* q, const T* kblock, int64_t d, int64_t,
-                              float scale, float* s, int64_t s_stride) {
+inline bool block_scores_fast_avx2(int64_t group, const float* q, const T* kblock, int64_t d, float scale, float* s,
+                                   int64_t s_stride) {
   switch (group) {
     case 1: block_scores_avx2<1, T>(q, kblock, d, scale, s, s_stride); return true;
     case 2: block_scores_avx2<2, T>(q, kblock, d, scale, s, s_stride); return true;
@@ -204,18 +207,35 @@ inline bool group_values_fast(int64_t group, const float* p, int64_t p_stride, c
     switch (std::min<int64_t>(3, group - g0)) {
       case 1:
         group_values_avx2<1, T>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
-                             out_stride);
+                                out_stride);
         break;
       case 2:
         group_values_avx2<2, T>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
-                             out_stride);
+                                out_stride);
         break;
       default:
         group_values_avx2<3, T>(pg, p_stride, vc, table, start, ctx, block_size, block_stride, d, inv_sum + g0, og,
-                             out_stride);
+                                out_stride);
     }
   }
   return true;
+}
+#endif
+
+#if defined(KVLOOM_SIMD_ATTENTION)
+// The scores of one block of 16 tokens through the widest loop that reads this cache type.
+template <typename T>
+inline bool block_scores_simd(int64_t group, const float* q, const T* kblock, int64_t d, int64_t n, float scale,
+                              float* s, int64_t s_stride) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) return block_scores_fast(group, q, kblock, d, n, scale, s, s_stride);
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+  return block_scores_fast_avx2(group, q, kblock, d, scale, s, s_stride);
+#else
+  (void)n;
+  return false;
+#endif
 }
 #endif
 
@@ -254,7 +274,7 @@ void decode_rows(const float* q, const T* kc, const T* vc, const int64_t* tb, co
         }
         bool done = false;
 #if defined(KVLOOM_SIMD_ATTENTION)
-        if (block_size == 16) done = block_scores_fast(group, qg, kblock, d, valid, fscale, s + b * 16, padded);
+        if (block_size == 16) done = block_scores_simd(group, qg, kblock, d, valid, fscale, s + b * 16, padded);
 #endif
         if (!done) {
           for (int64_t g = 0; g < group; ++g)
@@ -295,6 +315,10 @@ void decode_rows(const float* q, const T* kc, const T* vc, const int64_t* tb, co
       float* out_rows = o + (row * heads + h * group) * d;
       const T* vh = vc + h * block_size * d;
 #if defined(KVLOOM_GROUP_VALUES)
+#if defined(__AVX512F__)
+      // AVX-512 builds: float32 caches take the per-head AVX-512 loop below.
+      if constexpr (!std::is_same_v<T, float>)
+#endif
       if (group_values_fast(group, s, padded, vh, table, start, ctx, block_size, block_stride, d, inv.data(), out_rows,
                             d))
         continue;

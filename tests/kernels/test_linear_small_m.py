@@ -99,5 +99,12 @@ def test_packed_linear_refuses_what_it_cannot_do():
         packed_linear(x3.double(), packed, 40)
     with pytest.raises(RuntimeError, match="no backward"):
         packed_linear(torch.randn(2, 24, requires_grad=True), packed, 40)
+    # Panels that do not start on a 32-byte boundary (a view 16 bytes into a buffer), in either dtype.
+    for panels in (packed, pack_linear_weight(w, torch.bfloat16)):
+        flat = torch.zeros(panels.numel() + 32, dtype=panels.dtype)
+        offset = 16 // panels.element_size()
+        moved = flat[offset : offset + panels.numel()].view(panels.shape)
+        with pytest.raises(RuntimeError, match="32-byte boundary"):
+            packed_linear(x3, moved, 40)
     # Nothing to pack: other dtypes, an empty weight.
     assert pack_linear_weight(w.bfloat16()) is None and pack_linear_weight(torch.empty(0, 24)) is None
