@@ -19,6 +19,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 
 import kvloom
 from kvloom import LLM, AsyncLLM, LoRARequest, SamplingParams
@@ -109,10 +110,14 @@ def test_tp2_bfloat16_mode_equals_tp1(tied_odd_vocab_qwen2):
         pytest.skip("the CPU bfloat16 mode needs the AVX2 build")
     one = LLM(tied_odd_vocab_qwen2, dtype="bfloat16", **ENGINE)
     assert one.llm_engine.config_info()["activation_dtype"] == "float32"
+    assert one.llm_engine.executor.worker.runner.kv_caches[0][0].dtype == torch.bfloat16
     expected = _tokens(one)
+    one_block_bytes = one.llm_engine.executor.kv_bytes_per_block()
     one.shutdown()
     two = LLM(tied_odd_vocab_qwen2, dtype="bfloat16", tensor_parallel_size=2, **ENGINE)
     try:
+        # Each rank holds half the KV heads in bfloat16 (a float32 rank would report one's bytes).
+        assert two.llm_engine.executor.kv_bytes_per_block() * 2 == one_block_bytes
         assert _tokens(two) == expected
         assert_all_blocks_free(two.llm_engine)
     finally:

@@ -113,5 +113,6 @@ def test_bfloat16_quality_gate(default_llm):
     kept = sum(list(o.outputs[0].token_ids) == w for o, w in zip(outs, want))
     assert kept >= 12, f"bfloat16 kept {kept} of {len(GATE_PROMPTS)} greedy answers"
     assert_all_blocks_free(bf16.llm_engine)
+    bf16.shutdown()
     # The gate's verdict: auto may choose bfloat16 only if it kept them all.
-    assert (default_llm.llm_engine.dtype == torch.bfloat16) == (kept == len(GATE_PROMPTS))
+    assert default_llm.llm_engine.dtype == torch.float32 or kept == len(GATE_PROMPTS)
