@@ -84,11 +84,8 @@ inline void weighted_values_avx512(const float* p, const float* vc, const int64_
   for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
 }
 
-template <typename T>
-inline bool block_scores_fast(int64_t group, const float* q, const T* kblock_any, int64_t d, int64_t n,
+inline bool block_scores_fast(int64_t group, const float* q, const float* kblock, int64_t d, int64_t n,
                               float scale, float* s, int64_t s_stride) {
-  if constexpr (!std::is_same_v<T, float>) return false;  // AVX-512 paths read float32 caches only
-  const float* kblock = reinterpret_cast<const float*>(kblock_any);
   switch (group) {
     case 1: block_scores_avx512<1>(q, kblock, d, n, scale, s, s_stride); return true;
     case 2: block_scores_avx512<2>(q, kblock, d, n, scale, s, s_stride); return true;
@@ -102,11 +99,8 @@ inline bool block_scores_fast(int64_t group, const float* q, const T* kblock_any
   }
 }
 
-template <typename T>
-inline bool weighted_values_fast(const float* p, const T* vc_any, const int64_t* table, int64_t start, int64_t ctx,
+inline bool weighted_values_fast(const float* p, const float* vc, const int64_t* table, int64_t start, int64_t ctx,
                                  int64_t block_size, int64_t block_stride, int64_t d, float inv_sum, float* out) {
-  if constexpr (!std::is_same_v<T, float>) return false;
-  const float* vc = reinterpret_cast<const float*>(vc_any);
   if (d == 64) weighted_values_avx512<4>(p, vc, table, start, ctx, block_size, block_stride, inv_sum, out);
   else if (d == 128) weighted_values_avx512<8>(p, vc, table, start, ctx, block_size, block_stride, inv_sum, out);
   else return false;
@@ -243,6 +237,19 @@ inline bool block_scores_simd(int64_t group, const float* q, const T* kblock, in
 
 namespace {
 
+// Checks that k_cache and v_cache are both float32 or both bfloat16 and calls f with their typed
+// data pointers (float* or at::BFloat16*).
+template <typename F>
+void with_cache_data(torch::Tensor& k_cache, torch::Tensor& v_cache, F&& f) {
+  const auto type = k_cache.scalar_type();
+  TORCH_CHECK((type == at::kFloat || type == at::kBFloat16) && v_cache.scalar_type() == type,
+              "float32 or bfloat16 caches, both the same");
+  if (type == at::kFloat)
+    f(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  else
+    f(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+}
+
 // One query token per row over a float32 or bfloat16 (T) cache; see paged_attention_decode.
 template <typename T>
 void decode_rows(const float* q, const T* kc, const T* vc, const int64_t* tb, const int64_t* sl, float* o, int64_t n,
@@ -327,7 +334,8 @@ void decode_rows(const float* q, const T* kc, const T* vc, const int64_t* tb, co
         const float* sg = s + g * padded;
         float* out_row = out_rows + g * d;
 #if defined(__AVX512F__)
-        if (weighted_values_fast(sg, vh, table, start, ctx, block_size, block_stride, d, inv[g], out_row)) continue;
+        if constexpr (std::is_same_v<T, float>)  // the AVX-512 loops read float32 caches only
+          if (weighted_values_fast(sg, vh, table, start, ctx, block_size, block_stride, d, inv[g], out_row)) continue;
 #endif
         for (int64_t i = 0; i < d; ++i) out_row[i] = 0.f;
         for (int64_t t = start; t < ctx; ++t) {
@@ -346,10 +354,7 @@ void decode_rows(const float* q, const T* kc, const T* vc, const int64_t* tb, co
 torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, int64_t block_size,
                                      double scale, int64_t sliding_window, double soft_cap) {
-  const auto cache_type = k_cache.scalar_type();
-  TORCH_CHECK(query.scalar_type() == at::kFloat && (cache_type == at::kFloat || cache_type == at::kBFloat16) &&
-                  v_cache.scalar_type() == cache_type,
-              "float32 queries; float32 or bfloat16 caches");
+  TORCH_CHECK(query.scalar_type() == at::kFloat, "float32 queries");
   TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
   const int64_t n = query.size(0), heads = query.size(1), d = query.size(2);
   const int64_t kv_heads = k_cache.size(1);
@@ -357,14 +362,11 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
   auto out = torch::empty_like(query);
-  if (cache_type == at::kFloat)
-    decode_rows(query.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), n, heads, kv_heads, d,
-                tables.size(1), block_size, static_cast<float>(scale), sliding_window, static_cast<float>(soft_cap));
-  else
-    decode_rows(query.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(),
-                tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<float>(), n, heads, kv_heads, d,
-                tables.size(1), block_size, static_cast<float>(scale), sliding_window, static_cast<float>(soft_cap));
+  with_cache_data(k_cache, v_cache, [&](const auto* kc, const auto* vc) {
+    decode_rows(query.data_ptr<float>(), kc, vc, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+                out.data_ptr<float>(), n, heads, kv_heads, d, tables.size(1), block_size, static_cast<float>(scale),
+                sliding_window, static_cast<float>(soft_cap));
+  });
   return out;
 }
 
@@ -375,10 +377,7 @@ torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache,
 // prefill chunk.)
 void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, torch::Tensor v_cache,
               torch::Tensor slot_mapping) {
-  const auto cache_type = k_cache.scalar_type();
-  TORCH_CHECK(key.scalar_type() == at::kFloat && value.scalar_type() == at::kFloat &&
-                  (cache_type == at::kFloat || cache_type == at::kBFloat16) && v_cache.scalar_type() == cache_type,
-              "float32 keys and values; float32 or bfloat16 caches");
+  TORCH_CHECK(key.scalar_type() == at::kFloat && value.scalar_type() == at::kFloat, "float32 keys and values");
   TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(), "key and value [T, kv_heads, head_size]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
   const int64_t t = key.size(0), heads = key.size(1), d = key.size(2);
@@ -394,7 +393,7 @@ void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, tor
   const float* vp = value.data_ptr<float>();
   const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2);
   const int64_t vs0 = value.stride(0), vs1 = value.stride(1), vs2 = value.stride(2);
-  auto store = [&](auto* kc, auto* vc) {
+  with_cache_data(k_cache, v_cache, [&](auto* kc, auto* vc) {
     using T = std::remove_pointer_t<decltype(kc)>;
     kvloom::parallel_for(0, t, 64, [&](int64_t begin, int64_t end) {
       for (int64_t tok = begin; tok < end; ++tok) {
@@ -409,11 +408,7 @@ void write_kv(torch::Tensor key, torch::Tensor value, torch::Tensor k_cache, tor
         }
       }
     });
-  };
-  if (cache_type == at::kFloat)
-    store(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
-  else
-    store(k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+  });
 }
 
 torch::Tensor rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight, double eps);
