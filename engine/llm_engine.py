@@ -84,6 +84,8 @@ class LLMEngine:
         self.quant_config = resolve_quantization(args.quantization, hf_config)
         self.device = _pick_device(model_cfg.device)
         self.dtype = _pick_dtype(model_cfg.dtype, self.arch, self.device)
+        # float32 for bfloat16 on CPU with the C++ kernels (the CPU bfloat16 mode), else self.dtype
+        self.activation_dtype = compute_dtype(self.dtype, self.device)
         self.tokenizer = _load_tokenizer(
             resolve_tokenizer(
                 model_cfg.tokenizer,
@@ -114,7 +116,7 @@ class LLMEngine:
                 args.max_loras,
                 args.max_lora_rank,
                 max_cpu_loras,
-                compute_dtype(self.dtype, self.device),  # adapters run in the activations' dtype
+                self.activation_dtype,  # adapters run in the activations' dtype
             )
         worker_cfg = WorkerConfig(
             self.arch,
@@ -350,7 +352,7 @@ class LLMEngine:
         return {
             "model": self.model_name,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "activation_dtype": str(compute_dtype(self.dtype, self.device)).removeprefix("torch."),
+            "activation_dtype": str(self.activation_dtype).removeprefix("torch."),
             "device": str(self.device),
             "executor": self.executor.describe(),
             "tensor_parallel_size": str(args.tensor_parallel_size),

@@ -66,7 +66,8 @@ class ModelRunner:
         # Float32 weights on CPU: laid out once in the C++ GEMM's panel layout (the row-major copies
         # are dropped; the kernel would otherwise transpose every panel on every call), rounded to
         # bfloat16 in the CPU bfloat16 mode.
-        packed_dtype = torch.bfloat16 if self.weight_dtype != self.dtype else torch.float32
+        mixed = self.weight_dtype != self.dtype
+        packed_dtype = torch.bfloat16 if mixed else torch.float32
         packed, nbytes = pack_linear_weights(self.model, packed_dtype)
         if packed:
             logger.info(
@@ -75,7 +76,7 @@ class ModelRunner:
                 str(packed_dtype).removeprefix("torch."),
                 nbytes / 2**20,
             )
-        if self.weight_dtype != self.dtype:
+        if mixed:
             logger.info(
                 "CPU bfloat16 mode: bfloat16 linear weights and KV cache, float32 activations, residual and "
                 "accumulation"
