@@ -169,6 +169,14 @@ def _cpu_backend() -> KernelBackend | None:
         # The C++ kernel takes 0 for "no window" and "no soft cap".
         return ops.paged_attention_decode(q.contiguous(), *args[1:], sliding_window or 0, logits_soft_cap or 0.0)
 
+    def prompt(q, k, v, out, scale):
+        if q.dtype != torch.float32 or k.dtype != torch.float32 or not ops.prefill_attention_supported(q.shape[-1]):
+            return False
+        if any(t.stride(2) != 1 or t.stride(1) != t.shape[2] for t in (q, k, v, out)):
+            return False
+        ops.prefill_attention(q, k, v, out, scale)
+        return True
+
     def write_kv(key, value, k_cache, v_cache, slot_mapping):
         if key.dtype != torch.float32 or k_cache.dtype not in (torch.float32, torch.bfloat16):
             return torch_ref.write_kv(key, value, k_cache, v_cache, slot_mapping)
@@ -186,7 +194,7 @@ def _cpu_backend() -> KernelBackend | None:
     return KernelBackend(
         "cpu-c++",
         write_kv,
-        partial(torch_ref.paged_attention, decode_attention=decode),
+        partial(torch_ref.paged_attention, decode_attention=decode, prompt_attention=prompt),
         rms_norm,
         rotary_embedding,
         ops.silu_and_mul,

@@ -9,7 +9,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "cpu" / name for name in ("paged_attention.cpp", "elementwise.cpp", "gemm.cpp")]
+_SOURCES = [
+    Path(__file__).parent / "cpu" / name
+    for name in ("paged_attention.cpp", "elementwise.cpp", "gemm.cpp", "prefill_attention.cpp")
+]
 # -fno-trapping-math lets GCC vectorize floorf and min/max selects (fast_exp's range reduction).
 # With AVX2 the SiLU and softmax loops now call fast_exp8 and only their tails use fast_exp; on other
 # CPUs those loops are the scalar form, which ran scalar without the flag (here, before fast_exp8:

@@ -52,6 +52,7 @@ def paged_attention(
     decode_attention: Callable | None = None,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    prompt_attention: Callable | None = None,
 ) -> torch.Tensor:
     """Causal attention of a flat batch of tokens over the paged cache.
 
@@ -60,7 +61,9 @@ def paged_attention(
     batched call (by decode_attention when a faster kernel is given); each prefill chunk is
     computed on its own. With sliding_window W a query at position p sees only positions
     p - W + 1 .. p (HF's convention); logits_soft_cap c maps scores s to c * tanh(s / c) before
-    the softmax (Gemma 2).
+    the softmax (Gemma 2). prompt_attention(q, k, v, out, scale), when given, computes a prefill
+    chunk with nothing cached before it (causal over its own keys, no window or soft cap) into out
+    and returns False where it cannot (then SDPA does).
     """
     out = torch.empty_like(query)
     nd = meta.num_decodes
@@ -82,6 +85,20 @@ def paged_attention(
         offset = ctx_len - q_len
         # Keys before `first` are outside every query's window: neither gathered nor scored.
         first = 0 if sliding_window is None else max(0, offset - sliding_window + 1)
+        if (
+            ctx_len == q_len
+            and prompt_attention is not None
+            and sliding_window is None
+            and logits_soft_cap is None
+            and prompt_attention(
+                query[q_start : q_start + q_len],
+                key[q_start : q_start + q_len],
+                value[q_start : q_start + q_len],
+                out[q_start : q_start + q_len],
+                scale,
+            )
+        ):
+            continue
         if ctx_len == q_len:
             # Nothing cached before this chunk: attend to the chunk's own keys.
             k, v = key[q_start : q_start + q_len], value[q_start : q_start + q_len]

@@ -420,6 +420,8 @@ torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<tor
 bool packed_linear_available();
 torch::Tensor pack_linear_weight(torch::Tensor w);
 torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, int64_t n, c10::optional<torch::Tensor> bias);
+bool prefill_attention_supported(int64_t head_size);
+void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, double scale);
 
 // The kernels release the GIL while they run (as torch's own ops do): the server's threads and other
 // engines keep going meanwhile.
@@ -446,5 +448,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_packed", &linear_packed,
         "float32 x @ w^T (+ bias) with w given as float32 or bfloat16 panels (kvloom.kernels.pack_linear_weight)",
         py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("prefill_attention_supported", &prefill_attention_supported,
+        "whether prefill_attention serves this head size in this build");
+  m.def("prefill_attention", &prefill_attention,
+        "causal attention of a prompt over its own keys into out: q [L, H, D], k and v [L, kvH, D]",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>());
 }
