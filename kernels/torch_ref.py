@@ -62,8 +62,8 @@ def paged_attention(
     computed on its own. With sliding_window W a query at position p sees only positions
     p - W + 1 .. p (HF's convention); logits_soft_cap c maps scores s to c * tanh(s / c) before
     the softmax (Gemma 2). prompt_attention(q, k, v, out, scale), when given, computes a prefill
-    chunk with nothing cached before it (causal over its own keys, no window or soft cap) into out
-    and returns False where it cannot (then SDPA does).
+    chunk (q at the last positions of its context k, v; causal, no window or soft cap) into out and
+    returns False where it cannot (then SDPA does).
     """
     out = torch.empty_like(query)
     nd = meta.num_decodes
@@ -85,20 +85,6 @@ def paged_attention(
         offset = ctx_len - q_len
         # Keys before `first` are outside every query's window: neither gathered nor scored.
         first = 0 if sliding_window is None else max(0, offset - sliding_window + 1)
-        if (
-            ctx_len == q_len
-            and prompt_attention is not None
-            and sliding_window is None
-            and logits_soft_cap is None
-            and prompt_attention(
-                query[q_start : q_start + q_len],
-                key[q_start : q_start + q_len],
-                value[q_start : q_start + q_len],
-                out[q_start : q_start + q_len],
-                scale,
-            )
-        ):
-            continue
         if ctx_len == q_len:
             # Nothing cached before this chunk: attend to the chunk's own keys.
             k, v = key[q_start : q_start + q_len], value[q_start : q_start + q_len]
@@ -108,6 +94,13 @@ def paged_attention(
             # A cache in a narrower dtype than the queries (the CPU bfloat16 mode) is read widened.
             k = gather_keys(k_cache, table)[0, skip : skip + ctx_len - first].to(q.dtype)
             v = gather_values(v_cache, table)[0, skip : skip + ctx_len - first].to(q.dtype)
+        if (
+            prompt_attention is not None
+            and sliding_window is None
+            and logits_soft_cap is None
+            and prompt_attention(q, k, v, out[q_start : q_start + q_len], scale)
+        ):
+            continue
         out[q_start : q_start + q_len] = _causal_attention(
             q, k, v, offset, scale, sliding_window, logits_soft_cap, first
         )

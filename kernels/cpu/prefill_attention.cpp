@@ -1,4 +1,4 @@
-// Causal attention of a prompt over its own keys (a prefill chunk with nothing cached before it),
+// Causal attention of a prefill chunk over its context (keys cached before it, if any, and its own),
 // float32, grouped-query heads. torch's scaled_dot_product_attention (flash path) ran at 44-50
 // GFLOP/s on 2 cores here, a quarter of what the GEMM reaches; this kernel works as the packed GEMM
 // does: a 6-row tile of one head's queries is multiplied against 16-key panels of transposed keys
@@ -86,10 +86,11 @@ inline void value_tile(const float* __restrict p, const float* __restrict v, int
   }
 }
 
-// One tile: query rows [r0, r0 + rows) of head h (rows <= 6) against keys [0, r0 + rows), causal.
-// kp: this head's key panels [ceil(L / 16)][d][16]; v: its first value row.
+// One tile: query rows [r0, r0 + rows) of head h (rows <= 6), at positions offset + r0.., against keys
+// [0, offset + r0 + rows), causal. kp: this head's key panels [ceil(keys / 16)][d][16]; v: its first
+// value row.
 void attend_tile(const float* q, int64_t qstride, const float* kp, const float* v, int64_t vstride, float* out,
-                 int64_t ostride, int64_t r0, int64_t rows, int64_t d, float scale) {
+                 int64_t ostride, int64_t r0, int64_t rows, int64_t offset, int64_t d, float scale) {
   alignas(32) float a[kMaxHead * kQ];
   alignas(32) float s[kQ * kKeys];
   alignas(32) float o[kQ * kMaxHead];
@@ -98,15 +99,15 @@ void attend_tile(const float* q, int64_t qstride, const float* kp, const float* 
     for (int64_t m = 0; m < kQ; ++m) a[i * kQ + m] = m < rows ? q[(r0 + m) * qstride + i] * scale : 0.f;
   std::fill(o, o + kQ * d, 0.f);
   for (int64_t m = 0; m < kQ; ++m) row_max[m] = -std::numeric_limits<float>::infinity(), row_sum[m] = 0.f;
-  const int64_t n = r0 + rows;  // keys any row of the tile sees
+  const int64_t n = offset + r0 + rows;  // keys any row of the tile sees
   for (int64_t j0 = 0; j0 < n; j0 += kKeys) {
     const int64_t nk = std::min(kKeys, n - j0);
     for (int64_t jj = 0; jj < nk; jj += kP) score_panel(a, kp + (j0 + jj) * d, d, s + jj);
     const int64_t lanes = (nk + 7) / 8 * 8;
     for (int64_t m = 0; m < kQ; ++m) {
       float* sm = s + m * kKeys;
-      // Row r0 + m sees keys j <= r0 + m (padding rows, m >= rows, see every key of the tile).
-      const int64_t limit = std::min(nk, m < rows ? r0 + m + 1 - j0 : nk);
+      // Row r0 + m sees keys j <= offset + r0 + m (padding rows, m >= rows, see every key of the tile).
+      const int64_t limit = std::min(nk, m < rows ? offset + r0 + m + 1 - j0 : nk);
       __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
       const __m256 lim = _mm256_set1_ps(static_cast<float>(limit));
       __m256 idx = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
@@ -160,29 +161,30 @@ bool prefill_attention_supported(int64_t head_size) {
 #endif
 }
 
-// out[L, H, D] = causal softmax(q k^T * scale) v for q [L, H, D], k and v [L, kvH, D] (H a multiple
-// of kvH; each of a [L, heads, D] view's rows may be any stride apart, heads and numbers contiguous).
+// out[Lq, H, D] = causal softmax(q k^T * scale) v for q [Lq, H, D] at positions Lk - Lq .. Lk - 1 and
+// k, v [Lk, kvH, D] at positions 0 .. Lk - 1 (Lk >= Lq; H a multiple of kvH; each of a [L, heads, D]
+// view's rows may be any stride apart, heads and numbers contiguous).
 void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor out, double scale) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
                   out.scalar_type() == at::kFloat,
               "float32 only");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.dim() == 3, "q, k, v, out: [L, heads, D]");
-  const int64_t len = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = k.size(1);
+  const int64_t len = q.size(0), keys = k.size(0), heads = q.size(1), d = q.size(2), kv_heads = k.size(1);
   TORCH_CHECK(prefill_attention_supported(d), "head size must be a multiple of 16, at most 256");
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == len && k.size(2) == d && out.sizes() == q.sizes(),
-              "shapes of q, k, v, out do not match");
+  TORCH_CHECK(k.sizes() == v.sizes() && keys >= len && k.size(2) == d && out.sizes() == q.sizes(),
+              "shapes of q, k, v, out do not match (k and v may be longer than q: its cached context)");
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "query heads must be a multiple of key/value heads");
   for (const auto& t : {q, k, v, out})
     TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == d, "each row's heads and numbers must be contiguous");
 #ifdef KVLOOM_PREFILL_ATTENTION
   if (len == 0) return;
-  const int64_t panels = (len + kP - 1) / kP, group = heads / kv_heads;
+  const int64_t panels = (keys + kP - 1) / kP, group = heads / kv_heads;
   const int64_t qs = q.stride(0), ks = k.stride(0), vs = v.stride(0), os = out.stride(0);
   const float* qp = q.data_ptr<float>();
   const float* kptr = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // Keys transposed once into 16-key panels per key/value head: [kvH][panels][d][16], zero past L.
+  // Keys transposed once into 16-key panels per key/value head: [kvH][panels][d][16], zero past Lk.
   std::unique_ptr<float[], decltype(&std::free)> kpack(
       static_cast<float*>(std::aligned_alloc(64, kv_heads * panels * d * kP * sizeof(float))), &std::free);
   TORCH_CHECK(kpack != nullptr, "out of memory");
@@ -194,7 +196,7 @@ void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch:
       for (int64_t i = 0; i < d; ++i)
         for (int64_t j = 0; j < kP; ++j) {
           const int64_t key = p * kP + j;
-          dst[i * kP + j] = key < len ? kptr[key * ks + g * d + i] : 0.f;
+          dst[i * kP + j] = key < keys ? kptr[key * ks + g * d + i] : 0.f;
         }
     }
   });
@@ -207,7 +209,7 @@ void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch:
       const int64_t t = rank % 2 == 0 ? tiles - 1 - rank / 2 : rank / 2;
       const int64_t g = h / group, r0 = t * kQ;
       attend_tile(qp + h * d, qs, kpp + g * panels * d * kP, vp + g * d, vs, op + h * d, os, r0,
-                  std::min(kQ, len - r0), d, static_cast<float>(scale));
+                  std::min(kQ, len - r0), keys - len, d, static_cast<float>(scale));
     }
   });
 #endif
