@@ -254,16 +254,19 @@ class ModelRunner:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
+        slots: list[int] = []
         last_index: list[int] = []
         for s in seqs:
             input_ids.extend(s.token_ids)
-            positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
+            span = range(s.start_pos, s.start_pos + len(s.token_ids))
+            positions.extend(span)
+            # Plain Python: torch.repeat_interleave and fancy indexing measured ~1 ms a step here.
+            blocks = s.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in span)
             last_index.append(len(input_ids) - 1)
         pos = torch.tensor(positions, dtype=torch.long)
-        lens = torch.tensor([len(s.token_ids) for s in seqs])
         table = _block_table([s.block_ids for s in seqs])
-        seq_index = torch.repeat_interleave(torch.arange(len(seqs)), lens)
-        slot_mapping = table[seq_index, pos // bs] * bs + pos % bs
+        slot_mapping = torch.tensor(slots, dtype=torch.long)
 
         nd = sum(1 for s in seqs if len(s.token_ids) == 1)
         decode_tables = decode_lens = prefill_tables = None
