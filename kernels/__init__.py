@@ -167,7 +167,9 @@ def _cpu_backend() -> KernelBackend | None:
         if q.dtype != torch.float32 or k_cache.dtype not in (torch.float32, torch.bfloat16):
             return torch_ref.decode_attention_ref(*args, sliding_window, logits_soft_cap)
         # The C++ kernel takes 0 for "no window" and "no soft cap".
-        return ops.paged_attention_decode(q.contiguous(), *args[1:], sliding_window or 0, logits_soft_cap or 0.0)
+        if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+            q = q.contiguous()  # the kernel takes rows any stride apart (the fused qkv's q slice), not other layouts
+        return ops.paged_attention_decode(q, *args[1:], sliding_window or 0, logits_soft_cap or 0.0)
 
     def prompt(q, k, v, out, scale):
         if q.dtype != torch.float32 or k.dtype != torch.float32 or not ops.prefill_attention_supported(q.shape[-1]):

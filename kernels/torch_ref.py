@@ -65,11 +65,12 @@ def paged_attention(
     chunk (q at the last positions of its context k, v; causal, no window or soft cap) into out and
     returns False where it cannot (then SDPA does).
     """
-    out = torch.empty_like(query)
     nd = meta.num_decodes
+    # A decode-only step returns the decode kernel's own output (no copy into a second buffer).
+    out = None if nd and nd == query.shape[0] else torch.empty_like(query)
     if nd:
         decode = decode_attention or decode_attention_ref
-        out[:nd] = decode(
+        decoded = decode(
             query[:nd],
             k_cache,
             v_cache,
@@ -80,6 +81,9 @@ def paged_attention(
             sliding_window=sliding_window,
             logits_soft_cap=logits_soft_cap,
         )
+        if out is None:
+            return decoded
+        out[:nd] = decoded
     for i, (q_start, q_len, ctx_len) in enumerate(meta.prefills):
         q = query[q_start : q_start + q_len]
         offset = ctx_len - q_len

@@ -252,8 +252,8 @@ void with_cache_data(torch::Tensor& k_cache, torch::Tensor& v_cache, F&& f) {
 
 // One query token per row over a float32 or bfloat16 (T) cache; see paged_attention_decode.
 template <typename T>
-void decode_rows(const float* q, const T* kc, const T* vc, const int64_t* tb, const int64_t* sl, float* o, int64_t n,
-                 int64_t heads, int64_t kv_heads, int64_t d, int64_t max_blocks, int64_t block_size, float fscale,
+void decode_rows(const float* q, int64_t qstride, const T* kc, const T* vc, const int64_t* tb, const int64_t* sl,
+                 float* o, int64_t n, int64_t heads, int64_t kv_heads, int64_t d, int64_t max_blocks, int64_t block_size, float fscale,
                  int64_t sliding_window, float cap) {
   const int64_t group = heads / kv_heads;
   const int64_t block_stride = kv_heads * d * block_size;
@@ -269,7 +269,7 @@ void decode_rows(const float* q, const T* kc, const T* vc, const int64_t* tb, co
       const int64_t padded = ((ctx + block_size - 1) / block_size) * block_size;
       scores.resize(group * padded);
       float* s = scores.data();
-      const float* qg = q + (row * heads + h * group) * d;
+      const float* qg = q + row * qstride + h * group * d;
       for (int64_t b = start / block_size; b * block_size < ctx; ++b) {
         const T* kblock = kc + table[b] * block_stride + h * d * block_size;
         const int64_t valid = std::min(block_size, ctx - b * block_size);
@@ -349,21 +349,23 @@ void decode_rows(const float* q, const T* kc, const T* vc, const int64_t* tb, co
 
 }  // namespace
 
-// query [N, H, D]; k_cache [num_blocks, KVH, D, block_size] (keys of a block stored dimension-major so
+// query [N, H, D] (rows any stride apart, heads and numbers contiguous); k_cache [num_blocks, KVH, D, block_size] (keys of a block stored dimension-major so
 // one vector load covers a dimension of every token of the block); v_cache [num_blocks, KVH, block_size, D].
 torch::Tensor paged_attention_decode(torch::Tensor query, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_tables, torch::Tensor seq_lens, int64_t block_size,
                                      double scale, int64_t sliding_window, double soft_cap) {
   TORCH_CHECK(query.scalar_type() == at::kFloat, "float32 queries");
-  TORCH_CHECK(query.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1 && query.stride(1) == query.size(2),
+              "each query row's heads and numbers must be contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches");
   const int64_t n = query.size(0), heads = query.size(1), d = query.size(2);
   const int64_t kv_heads = k_cache.size(1);
   TORCH_CHECK(k_cache.size(2) == d && k_cache.size(3) == block_size, "k_cache must be [blocks, kv_heads, d, bs]");
   auto tables = block_tables.contiguous();
   auto lens = seq_lens.contiguous();
-  auto out = torch::empty_like(query);
+  auto out = torch::empty({n, heads, d}, query.options());
   with_cache_data(k_cache, v_cache, [&](const auto* kc, const auto* vc) {
-    decode_rows(query.data_ptr<float>(), kc, vc, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+    decode_rows(query.data_ptr<float>(), query.stride(0), kc, vc, tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
                 out.data_ptr<float>(), n, heads, kv_heads, d, tables.size(1), block_size, static_cast<float>(scale),
                 sliding_window, static_cast<float>(soft_cap));
   });

@@ -71,6 +71,25 @@ def test_cpu_kernel_matches_torch_reference(heads, kv_heads, head_size, block_si
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
 
 
+def test_cpu_decode_reads_query_rows_at_any_stride():
+    """The model hands decode the q slice of its fused qkv rows: the kernel reads it in place."""
+    ops = load_cpu_ops()
+    if ops is None:
+        pytest.skip("no C++ toolchain: the torch path is used")
+    ctx = [3, 40, 17]
+    k_cache, v_cache, tables, _ = random_paged(ctx, 3, 64, 16, seed=4)
+    fused = torch.randn(len(ctx), (9 + 6) * 64)
+    q = fused[:, : 9 * 64].view(len(ctx), 9, 64)
+    assert not q.is_contiguous()
+    lens = torch.tensor(ctx)
+    out = ops.paged_attention_decode(q, k_cache, v_cache, tables, lens, 16, 0.125)
+    assert out.is_contiguous()
+    want = torch_ref.decode_attention_ref(q.contiguous(), k_cache, v_cache, tables, lens, 16, 0.125)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-6)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.paged_attention_decode(q.transpose(1, 2), k_cache, v_cache, tables, lens, 16, 0.125)
+
+
 @pytest.mark.parametrize("device_backend", ["torch", "default"])
 def test_paged_attention_mixes_decodes_and_prefill_chunks(device_backend):
     """A flat batch: two decodes, a fresh prefill and a chunk continuing cached context."""
