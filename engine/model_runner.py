@@ -260,7 +260,7 @@ class ModelRunner:
             input_ids.extend(s.token_ids)
             span = range(s.start_pos, s.start_pos + len(s.token_ids))
             positions.extend(span)
-            # Plain Python: torch.repeat_interleave and fancy indexing measured ~1 ms a step here.
+            # Plain Python: torch.repeat_interleave and fancy indexing took ~3 ms of a 64-sequence decode step.
             blocks = s.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in span)
             last_index.append(len(input_ids) - 1)
