@@ -135,6 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument(
+        "--prompt-len", type=int, nargs=2, default=[32, 512], metavar=("MIN", "MAX"), help="prompt tokens, uniform"
+    )
+    ap.add_argument(
+        "--output-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"), help="output tokens, uniform"
+    )
+    ap.add_argument(
         "--systems",
         default=None,
         help="comma list of kvloom, kvloom-tpN (N ranks), hf-B (static batch B), vllm-cpu "
@@ -162,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     from kvloom.engine.model_loader.resolve import resolve_model
 
     model_dir = resolve_model(args.model)
-    items = make_workload(_load_tokenizer(model_dir), args.num_prompts, args.seed)
+    items = make_workload(
+        _load_tokenizer(model_dir), args.num_prompts, args.seed, tuple(args.prompt_len), tuple(args.output_len)
+    )
     workload = os.path.join(tempfile.mkdtemp(prefix="kvloom-bench-"), "workload.jsonl")
     save_jsonl(items, workload)
     results = []
@@ -198,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     ok = {r["system"]: r for r in results if "error" not in r}
     summary = {
         "num_prompts": args.num_prompts,
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
         "dtype": args.dtype,
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
