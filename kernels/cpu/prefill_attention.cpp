@@ -38,51 +38,32 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
 }
 
-// s[m][0..16) = sum_i a[i][m] * kp[i][0..16) for the 6 rows of a query tile (a: [d][6], kp: [d][16]).
-inline void score_panel(const float* __restrict a, const float* __restrict kp, int64_t d, float* __restrict s) {
+// c[m][0..16) (+)= sum_i a[i * AK + m * AM] * b[i * bstride][0..16) for the 6 rows of a tile, over kc
+// steps, in 12 registers (c rows ldc apart, 32-byte aligned). Scores: a the packed queries [d][6] and b
+// a key panel [d][16] (aligned); values: a the probabilities [6][64] and b value rows at their stride.
+template <int64_t AK, int64_t AM, bool kAccumulate>
+inline void tile6x16(const float* __restrict a, const float* __restrict b, int64_t bstride, int64_t kc,
+                     float* __restrict c, int64_t ldc) {
   __m256 lo[kQ], hi[kQ];
 #pragma GCC unroll 6
-  for (int m = 0; m < kQ; ++m) lo[m] = hi[m] = _mm256_setzero_ps();
+  for (int m = 0; m < kQ; ++m) {
+    lo[m] = kAccumulate ? _mm256_load_ps(c + m * ldc) : _mm256_setzero_ps();
+    hi[m] = kAccumulate ? _mm256_load_ps(c + m * ldc + 8) : _mm256_setzero_ps();
+  }
 #pragma GCC unroll 2
-  for (int64_t i = 0; i < d; ++i) {
-    const __m256 b0 = _mm256_load_ps(kp + i * kP), b1 = _mm256_load_ps(kp + i * kP + 8);
+  for (int64_t i = 0; i < kc; ++i) {
+    const __m256 b0 = _mm256_loadu_ps(b + i * bstride), b1 = _mm256_loadu_ps(b + i * bstride + 8);
 #pragma GCC unroll 6
     for (int m = 0; m < kQ; ++m) {
-      const __m256 av = _mm256_broadcast_ss(a + i * kQ + m);
+      const __m256 av = _mm256_broadcast_ss(a + i * AK + m * AM);
       lo[m] = _mm256_fmadd_ps(av, b0, lo[m]);
       hi[m] = _mm256_fmadd_ps(av, b1, hi[m]);
     }
   }
 #pragma GCC unroll 6
   for (int m = 0; m < kQ; ++m) {
-    _mm256_store_ps(s + m * kKeys, lo[m]);
-    _mm256_store_ps(s + m * kKeys + 8, hi[m]);
-  }
-}
-
-// o[m][c..c+16) += sum_j p[m][j] * v[j][c..c+16) over nk keys (v rows `vstride` apart).
-inline void value_tile(const float* __restrict p, const float* __restrict v, int64_t vstride, int64_t nk,
-                       float* __restrict o, int64_t d) {
-  __m256 lo[kQ], hi[kQ];
-#pragma GCC unroll 6
-  for (int m = 0; m < kQ; ++m) {
-    lo[m] = _mm256_load_ps(o + m * d);
-    hi[m] = _mm256_load_ps(o + m * d + 8);
-  }
-#pragma GCC unroll 2
-  for (int64_t j = 0; j < nk; ++j) {
-    const __m256 b0 = _mm256_loadu_ps(v + j * vstride), b1 = _mm256_loadu_ps(v + j * vstride + 8);
-#pragma GCC unroll 6
-    for (int m = 0; m < kQ; ++m) {
-      const __m256 pv = _mm256_broadcast_ss(p + m * kKeys + j);
-      lo[m] = _mm256_fmadd_ps(pv, b0, lo[m]);
-      hi[m] = _mm256_fmadd_ps(pv, b1, hi[m]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int m = 0; m < kQ; ++m) {
-    _mm256_store_ps(o + m * d, lo[m]);
-    _mm256_store_ps(o + m * d + 8, hi[m]);
+    _mm256_store_ps(c + m * ldc, lo[m]);
+    _mm256_store_ps(c + m * ldc + 8, hi[m]);
   }
 }
 
@@ -102,7 +83,7 @@ void attend_tile(const float* q, int64_t qstride, const float* kp, const float* 
   const int64_t n = offset + r0 + rows;  // keys any row of the tile sees
   for (int64_t j0 = 0; j0 < n; j0 += kKeys) {
     const int64_t nk = std::min(kKeys, n - j0);
-    for (int64_t jj = 0; jj < nk; jj += kP) score_panel(a, kp + (j0 + jj) * d, d, s + jj);
+    for (int64_t jj = 0; jj < nk; jj += kP) tile6x16<kQ, 1, false>(a, kp + (j0 + jj) * d, kP, d, s + jj, kKeys);
     const int64_t lanes = (nk + 7) / 8 * 8;
     for (int64_t m = 0; m < kQ; ++m) {
       float* sm = s + m * kKeys;
@@ -141,7 +122,7 @@ void attend_tile(const float* q, int64_t qstride, const float* kp, const float* 
         for (int64_t c = 0; c < d; c += 8) _mm256_store_ps(o + m * d + c, _mm256_mul_ps(al, _mm256_load_ps(o + m * d + c)));
       }
     }
-    for (int64_t c = 0; c < d; c += 16) value_tile(s, v + j0 * vstride + c, vstride, nk, o + c, d);
+    for (int64_t c = 0; c < d; c += 16) tile6x16<1, kKeys, true>(s, v + j0 * vstride + c, vstride, nk, o + c, d);
   }
   for (int64_t m = 0; m < rows; ++m) {
     const float inv = 1.f / row_sum[m];
