@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for flag, (lo, hi) in (("--prompt-len", args.prompt_len), ("--output-len", args.output_len)):
+        if not 1 <= lo <= hi:
+            ap.error(f"{flag} MIN MAX needs 1 <= MIN <= MAX, got {lo} {hi}")
     if args.systems is None:
         tp = args.tensor_parallel_size
         args.systems = f"kvloom,kvloom-tp{tp}" if tp > 1 else "kvloom,hf-8,hf-32,vllm-cpu"
