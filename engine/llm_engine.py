@@ -38,7 +38,7 @@ from kvloom.engine.request import RequestStatus
 from kvloom.engine.sampling_params import SamplingParams
 from kvloom.engine.structured_output.manager import StructuredOutputManager
 from kvloom.engine.worker import WorkerConfig
-from kvloom.kernels import compute_dtype
+from kvloom.kernels import bf16_dot_products, compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -345,6 +345,9 @@ class LLMEngine:
         """Counters and gauges of this engine (what the server's /metrics exports)."""
         return self.core.get_metrics()
 
+    def _bf16_dot(self) -> bool:
+        return self.dtype == torch.bfloat16 and self.activation_dtype == torch.float32 and bf16_dot_products()
+
     def config_info(self) -> dict[str, str]:
         """The settings this engine runs with (what a benchmark records beside its figures)."""
         args, sched = self.args, self.scheduler_config
@@ -353,6 +356,9 @@ class LLMEngine:
             "model": self.model_name,
             "dtype": str(self.dtype).removeprefix("torch."),
             "activation_dtype": str(self.activation_dtype).removeprefix("torch."),
+            # What linear layers multiply in: the CPU bfloat16 mode rounds their inputs to bfloat16 where
+            # the CPU has AVX512_BF16 dot products.
+            "gemm_input_dtype": "bfloat16" if self._bf16_dot() else str(self.activation_dtype).removeprefix("torch."),
             "device": str(self.device),
             "executor": self.executor.describe(),
             "tensor_parallel_size": str(args.tensor_parallel_size),

@@ -20,7 +20,7 @@ from kvloom.engine.pooling.params import PoolingParams
 from kvloom.engine.pooling.pooler import pool
 from kvloom.engine.sampler import Sampler, SamplingState, logprobs_row
 from kvloom.engine.scheduler.output import Logprobs, ModelRunnerOutput, ScheduledSeq, SchedulerOutput
-from kvloom.kernels import AttentionMetadata, LoRAMetadata, compute_dtype, get_backend
+from kvloom.kernels import AttentionMetadata, LoRAMetadata, bf16_dot_products, compute_dtype, get_backend
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,10 @@ class ModelRunner:
         if mixed:
             logger.info(
                 "CPU bfloat16 mode: bfloat16 linear weights and KV cache, float32 activations, residual and "
-                "accumulation"
+                "accumulation; GEMM: %s",
+                "AVX512_BF16 dot products (linear inputs rounded to bfloat16)"
+                if bf16_dot_products()
+                else "bfloat16 weights widened to float32 (this CPU has no AVX512_BF16)",
             )
         self.model.eval()
         self.sampler = Sampler(arch.vocab_size, seed)

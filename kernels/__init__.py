@@ -24,6 +24,7 @@ __all__ = [
     "KernelBackend",
     "LoRAMetadata",
     "argmax_rows",
+    "bf16_dot_products",
     "compute_dtype",
     "dense_linear",
     "get_backend",
@@ -89,8 +90,10 @@ _BF16_PANEL_ORDER = torch.tensor([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 
 def pack_linear_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
     """A float32 CPU weight [N, K] laid out once as the C++ kernel's panels [ceil(N / 16), K, 16].
 
-    dtype torch.bfloat16 stores the panels rounded to bfloat16 (half the bytes; the kernel widens
-    them to float32 as it reads, so inputs, accumulation and outputs stay float32). None where that
+    dtype torch.bfloat16 stores the panels rounded to bfloat16 (half the bytes). Where the CPU has
+    AVX512_BF16 (bf16_dot_products()) and K is even they hold K in pairs, [ceil(N / 16), K / 2, 32], and
+    the kernel rounds x to bfloat16 too and runs vdpbf16ps dot products; otherwise it widens them to
+    float32 as it reads, so x stays float32. Accumulation and outputs are float32 either way. None where that
     kernel does not serve the weight (another dtype or device, a build without AVX2/FMA, no
     compiler). `packed_linear` multiplies by the result at any row count, so a layer that packs its
     weight can drop the row-major copy; `packed_rows` reads rows back (embeddings).
@@ -107,8 +110,20 @@ def pack_linear_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32)
     n, k = weight.shape
     padded = torch.zeros(-(-n // PANEL_ROWS) * PANEL_ROWS, k, dtype=torch.bfloat16)
     padded[:n] = weight.detach()  # rounds to nearest even
+    if k % 2 == 0 and ops.bf16_dot_available():
+        # With AVX512_BF16 the panels hold K in pairs, [N / 16][K / 2][16][2]: vdpbf16ps's operand (an odd
+        # K, which no known model has, keeps the layout below).
+        panels = padded.view(padded.shape[0] // PANEL_ROWS, PANEL_ROWS, k // 2, 2).transpose(1, 2)
+        return panels.reshape(panels.shape[0], k // 2, 2 * PANEL_ROWS).contiguous()
     panels = padded.view(padded.shape[0] // PANEL_ROWS, PANEL_ROWS, k)[:, _BF16_PANEL_ORDER]
     return panels.transpose(1, 2).contiguous()
+
+
+def bf16_dot_products() -> bool:
+    """Whether bfloat16 panels multiply as AVX512_BF16 dot products on this CPU: linear inputs are then
+    rounded to bfloat16 too (twice float32's FLOP rate); otherwise the kernel widens the weights to float32."""
+    ops = load_cpu_ops()
+    return ops is not None and ops.bf16_dot_available()
 
 
 def packed_linear(
@@ -127,6 +142,9 @@ def packed_linear(
 
 def packed_rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of the weight that `packed` holds (F.embedding(ids, weight)), as float32: [*ids.shape, K]."""
+    if packed.dtype == torch.bfloat16 and packed.shape[2] == 2 * PANEL_ROWS:  # pairs: [P, K / 2, 16, 2]
+        quads = packed.view(packed.shape[0], packed.shape[1], PANEL_ROWS, 2)
+        return quads[ids // PANEL_ROWS, :, ids % PANEL_ROWS].flatten(-2).float()
     if packed.dtype == torch.bfloat16:
         return packed[ids // PANEL_ROWS, :, _BF16_PANEL_ORDER[ids % PANEL_ROWS]].float()
     return packed[ids // PANEL_ROWS, :, ids % PANEL_ROWS]

@@ -40,6 +40,19 @@ def load_cpu_ops():
     return ops
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux), or the platform's machine name elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine()
+
+
 def _build():
     from torch.utils import cpp_extension
 
@@ -47,6 +60,9 @@ def _build():
     for src in [*_SOURCES, *(Path(__file__).parent / "cpu" / h for h in ("fast_exp.h", "thread_pool.h"))]:
         digest.update(src.read_bytes())
     digest.update(" ".join(_FLAGS).encode())
+    # -march=native: a cache shared by machines of other CPUs (a home directory on another host) must
+    # not hand one an extension built for instructions it lacks.
+    digest.update(_cpu_flags().encode())
     name = f"kvloom_cpu_ops_{digest.hexdigest()[:12]}"
     cache = Path(os.environ.get("KVLOOM_CACHE_DIR", Path.home() / ".cache" / "kvloom")) / "kernels" / name
     cache.mkdir(parents=True, exist_ok=True)

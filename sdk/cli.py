@@ -312,7 +312,8 @@ def add_serve_args(srv: argparse.ArgumentParser) -> None:
         choices=["auto", "half", "float16", "bfloat16", "float", "float32"],
         default="auto",
         help="weights and activations; auto: float32 on CPU, the checkpoint's half type on CUDA; bfloat16 on "
-        "CPU: bfloat16 weights and KV cache, float32 activations",
+        "CPU: bfloat16 weights and KV cache, float32 activations (linear inputs rounded to bfloat16 where the "
+        "CPU has AVX512_BF16)",
     )
     _add_quantization_flag(srv)
     srv.add_argument("--kv-cache-memory-gb", type=float, default=None)

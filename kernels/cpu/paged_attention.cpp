@@ -420,6 +420,7 @@ torch::Tensor silu_and_mul(torch::Tensor x);
 torch::Tensor argmax_rows(torch::Tensor x);
 torch::Tensor linear_small_m(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool packed_linear_available();
+bool bf16_dot_available();
 torch::Tensor pack_linear_weight(torch::Tensor w);
 torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, int64_t n, c10::optional<torch::Tensor> bias);
 bool prefill_attention_supported(int64_t head_size);
@@ -445,6 +446,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "float32 x @ w^T (+ bias): a weight stream for 1-4 rows, packed register tiles above",
         py::call_guard<py::gil_scoped_release>());
   m.def("packed_linear_available", &packed_linear_available, "whether this build has the packed linear kernels");
+  m.def("bf16_dot_available", &bf16_dot_available,
+        "whether bfloat16 panels run as AVX512_BF16 dot products (pair layout [N / 16, ceil(K / 2), 32])");
   m.def("pack_linear_weight", &pack_linear_weight, "float32 w [N, K] as the kernel's panels [N / 16, K, 16]",
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_packed", &linear_packed,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvloom.kernels import KERNEL_MAX_ROWS, dense_linear, pack_linear_weight, packed_linear, packed_rows
+from kvloom.kernels import (
+    KERNEL_MAX_ROWS,
+    bf16_dot_products,
+    dense_linear,
+    pack_linear_weight,
+    packed_linear,
+    packed_rows,
+)
 from kvloom.kernels.cpu_ops import load_cpu_ops
 
 ops = load_cpu_ops()
@@ -63,8 +70,9 @@ def test_packed_weights_match_f_linear(rows, k, n):
     torch.testing.assert_close(packed_rows(packed, ids), torch.nn.functional.embedding(ids, w), rtol=0, atol=0)
 
 
-# bfloat16 panels (the CPU bfloat16 mode): the weight is rounded once, to nearest even, then every
-# product runs in float32, so the result is F.linear with the rounded weight up to float32 summation order.
+# bfloat16 panels (the CPU bfloat16 mode): the weight is rounded once, to nearest even; with AVX512_BF16
+# (vdpbf16ps) each row of x is rounded too, elsewhere x stays float32. Every product is exact in float32,
+# so the result is F.linear of the rounded operands up to float32 summation order.
 @pytest.mark.skipif(ops is None or not ops.packed_linear_available(), reason="needs the AVX2 build")
 @pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 23, 24, 600])
 @pytest.mark.parametrize(("k", "n"), [(8, 4), (37, 5), (576, 960), (1000, 4097), (3, 1), (300, 33), (0, 5)])
@@ -74,9 +82,11 @@ def test_bfloat16_panels_match_f_linear_of_the_rounded_weight(rows, k, n):
     w = torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g)
     packed = pack_linear_weight(w, torch.bfloat16)
-    assert packed.dtype == torch.bfloat16 and packed.shape == (-(-n // 16), k, 16)
+    pairs = bf16_dot_products() and k % 2 == 0
+    shape = (-(-n // 16), k // 2, 32) if pairs else (-(-n // 16), k, 16)
+    assert packed.dtype == torch.bfloat16 and packed.shape == shape
     rounded = w.bfloat16().float()
-    want = torch.nn.functional.linear(x, rounded, b)
+    want = torch.nn.functional.linear(x.bfloat16().float() if pairs else x, rounded, b)
     torch.testing.assert_close(packed_linear(x, packed, n, b), want, rtol=1e-5, atol=1e-4 * k**0.5)
     ids = torch.randint(0, n, (3, 5), generator=g)
     got = packed_rows(packed, ids)
@@ -106,5 +116,11 @@ def test_packed_linear_refuses_what_it_cannot_do():
         moved = flat[offset : offset + panels.numel()].view(panels.shape)
         with pytest.raises(RuntimeError, match="32-byte boundary"):
             packed_linear(x3, moved, 40)
+    # bfloat16 pair panels (AVX512_BF16) hold K / 2 rows: an odd K of x one short of them is refused.
+    if bf16_dot_products():
+        pairs = pack_linear_weight(w, torch.bfloat16)
+        assert pairs.shape == (3, 12, 32)
+        with pytest.raises(RuntimeError, match="x \\[M, K\\]"):
+            packed_linear(torch.randn(2, 23), pairs, 40)
     # Nothing to pack: other dtypes, an empty weight.
     assert pack_linear_weight(w.bfloat16()) is None and pack_linear_weight(torch.empty(0, 24)) is None
