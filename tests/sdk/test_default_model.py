@@ -74,7 +74,9 @@ def test_cli_generate_prints_the_answer():
 # The quality gate of the CPU bfloat16 mode (bfloat16 linear weights and KV cache, float32
 # activations): greedy answers on a fixed prompt set against float32's, and the France question.
 # `dtype="auto"` may choose a precision only if it keeps every greedy answer of the set; measured on
-# this model, bfloat16 keeps 14 of 16 (up to 64 tokens each; the other two part after 11 and 6 tokens), so
+# this model, bfloat16 keeps 14 of 16 (up to 64 tokens each) with the weights widened to float32 (the
+# other two part after 11 and 6 tokens) and with AVX512_BF16 dot products over inputs rounded to
+# bfloat16 (the CPU question and "Why is the sky blue?" part at their first and second token), so
 # auto stays float32 on CPU and bfloat16 is an opt-in (`dtype="bfloat16"`, `--dtype bfloat16`). The
 # floor below (12 of 16) guards that figure with room for summation-order changes.
 GATE_PROMPTS = [
