@@ -567,7 +567,7 @@ torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, int64_t n, c1
   const bool bf16 = packed.scalar_type() == at::kBFloat16;
   TORCH_CHECK(x.scalar_type() == at::kFloat && (packed.scalar_type() == at::kFloat || bf16),
               "x float32, packed float32 or bfloat16 only");
-  // bfloat16 panels in pairs ([N / 16, ceil(K / 2), 32]) where the CPU has AVX512_BF16 (bf16_dot_available).
+  // bfloat16 panels in pairs ([N / 16, K / 2, 32], even K) where the CPU has AVX512_BF16 (bf16_dot_available).
   const bool pairs = bf16 && packed.dim() == 3 && packed.size(2) == 32;
   TORCH_CHECK(!pairs || bf16_dot_available(), "bfloat16 pair panels need AVX512_BF16");
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 &&
